@@ -1,0 +1,1 @@
+"""Training package: data engine, Stage-1 / Stage-2 trainers, evaluation."""

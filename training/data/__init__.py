@@ -1,0 +1,1 @@
+"""Spatial data engine: synthetic scenes, questions, traces, writers and dataset readers."""
