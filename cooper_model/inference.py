@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from . import image_processor as ip
 from .autoencoder import FluxAutoencoder
+from .config import ImageTransformConfig
 from .modeling import CooperModel, causal_mask, flattened_position_ids, patchify, unpatchify
 from .tokenizer import SpecialTokens
 
@@ -34,6 +35,8 @@ RENORM_TYPES = ("global", "channel", "text_channel")
 @dataclass
 class Context:
     inferencer: "Inferencer"
+    vae_transform: ImageTransformConfig
+    vit_transform: ImageTransformConfig
     kv: list | None = None
     length: int = 0
     rope: int = 0
@@ -112,8 +115,11 @@ class Inferencer:
     def device(self) -> torch.device:
         return self.model.device
 
-    def new_context(self) -> Context:
-        return Context(self)
+    def new_context(self, vae_transform: ImageTransformConfig | None = None,
+                    vit_transform: ImageTransformConfig | None = None) -> Context:
+        """An empty context; images added to it are resized with these transforms (default: the
+        checkpoint's)."""
+        return Context(self, vae_transform or self.config.vae_transform, vit_transform or self.config.vit_transform)
 
     # Adding to a context --------------------------------------------------------------------
     def _extend(self, ctx: Context, embeds: torch.Tensor, positions: torch.Tensor, gen_mask: torch.Tensor,
@@ -155,11 +161,11 @@ class Inferencer:
             raise ValueError("add_image needs vit=True or vae=True")
         image = ip.as_pil_rgb(image)
         if vae:
-            pixels = ip.to_tensor(ip.resize(image, self.config.vae_transform)).to(self.device)
+            pixels = ip.to_tensor(ip.resize(image, ctx.vae_transform)).to(self.device)
             latent = self.vae.encode(pixels[None], sample=True, generator=generator)[0]
             self.add_latent_image(ctx, latent)
         if vit:
-            self.add_vit_image(ctx, ip.to_tensor(ip.resize(image, self.config.vit_transform)))
+            self.add_vit_image(ctx, ip.to_tensor(ip.resize(image, ctx.vit_transform)))
 
     @torch.no_grad()
     def add_vit_image(self, ctx: Context, pixels: torch.Tensor) -> None:

@@ -1,0 +1,256 @@
+"""`CooperPipeline`: the one API the ROS node, the benchmarks and the evaluation use.
+
+    pipe = CooperPipeline.from_pretrained(path, device="cuda", dtype="bfloat16")
+    pipe.depth(rgb).depth           # metres, HxW float32, input resolution
+    pipe.segment(rgb).labels        # class ids, HxW uint16
+    pipe.ask(rgb, "How far is the chair from the table?", mode="interleave").boxed_answer
+
+Inputs are uint8 HxWx3 RGB arrays (or PIL images) of any size; resizing to the model's sizes and
+back is done here. Settings default to COOPER's evaluation setup, then to the checkpoint's own
+`pipeline_defaults`, then to what the call overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import image_processor as ip
+from . import prompts
+from .checkpoint import CheckpointError, _dtype, load_autoencoder, load_model
+from .codecs import DepthCodec, SegmentationCodec, colorize_depth, default_palette
+from .config import CooperConfig, ImageTransformConfig
+from .image_processor import CooperInputError
+from .inference import ImageGenerationSettings, Inferencer, decode_depth01
+from .reasoning import MODES, Reasoner, TextSettings, extract_boxed
+from .tokenizer import load_tokenizer
+
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "cooper-small"
+
+# COOPER's own settings per task (upstream `depth_map_generation`, `segmentation_generation`, and
+# the VLMEvalKit evaluation config for question answering).
+TASK_DEFAULTS = {
+    "depth": dict(num_steps=50, cfg_text_scale=3.0, cfg_img_scale=1.5, cfg_interval=(0.4, 1.0), cfg_renorm_type="global"),
+    "segment": dict(num_steps=30, cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.4, 1.0), cfg_renorm_type="global"),
+    "ask": dict(num_steps=50, cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel"),
+}
+
+
+@dataclass
+class Settings:
+    num_steps: int = 50
+    timestep_shift: float = 3.0
+    cfg_text_scale: float = 4.0
+    cfg_img_scale: float = 2.0
+    cfg_interval: tuple[float, float] = (0.4, 1.0)
+    cfg_renorm_type: str = "global"
+    cfg_renorm_min: float = 0.0
+    seed: int | None = 0
+    vae_resolution: int | None = None  # long-edge limit; None = the checkpoint's transform
+    vit_resolution: int | None = None
+    max_new_tokens: int = 4096
+    do_sample: bool = False
+    temperature: float = 0.3
+    top_p: float = 1.0
+
+    def validate(self) -> None:
+        if not 2 <= self.num_steps <= 1000:
+            raise CooperInputError(f"num_steps must be in [2, 1000], got {self.num_steps}")
+        lo, hi = self.cfg_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise CooperInputError(f"cfg_interval must satisfy 0 <= lo <= hi <= 1, got {self.cfg_interval}")
+        if self.cfg_renorm_type not in ("global", "channel", "text_channel"):
+            raise CooperInputError(f"unknown cfg_renorm_type {self.cfg_renorm_type!r}")
+        if self.timestep_shift <= 0 or self.cfg_text_scale < 0 or self.cfg_img_scale < 0:
+            raise CooperInputError("timestep_shift must be > 0 and CFG scales >= 0")
+        if self.max_new_tokens < 1:
+            raise CooperInputError("max_new_tokens must be >= 1")
+
+
+@dataclass
+class DepthOutput:
+    depth: np.ndarray  # float32 HxW metres; -inf/+inf nearer/farther than the range (REP 118)
+    depth01: np.ndarray  # float32 HxW in [0, 1], the decoded pseudo-image
+    colored: np.ndarray  # uint8 HxWx3 Spectral visualisation
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class SegmentationOutput:
+    color: np.ndarray  # uint8 HxWx3, palette colours of `labels`
+    labels: np.ndarray  # uint16 HxW class ids
+    raw: np.ndarray  # uint8 HxWx3 as generated (resized to the input)
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class AskOutput:
+    answer: str
+    boxed_answer: str | None
+    turns: list[str]
+    tools_used: list[str]
+    images: list[tuple[str, np.ndarray]]
+    mode: str
+    timings: dict = field(default_factory=dict)
+
+
+class CooperPipeline:
+    def __init__(self, inferencer: Inferencer, config: CooperConfig):
+        self.inferencer = inferencer
+        self.config = config
+        self.depth_codec = DepthCodec(*config.depth_range)
+        palette = np.asarray(config.palette, dtype=np.uint8) if config.palette else default_palette(
+            len(config.class_names) if config.class_names else 151)
+        self.segmentation_codec = SegmentationCodec(palette, config.class_names)
+        self.max_question_chars = 8192
+        self.max_image_pixels = 40_000_000
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path = BUNDLED_CHECKPOINT, device: str | torch.device = "cpu",
+                        dtype="float32", backend: str = "eager", device_map=None, tokenizer=None,
+                        vae_dtype=None) -> "CooperPipeline":
+        """Load a checkpoint directory (see `checkpoint.py`). `backend`: `eager` or `compile`
+        (torch.compile of the network)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: checkpoint directory not found")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        config = CooperConfig.from_pretrained(path)
+        model = load_model(path, config, device=device, dtype=dtype, device_map=device_map)
+        vae = load_autoencoder(path, device=model.device, dtype=vae_dtype or dtype)
+        tokenizer = tokenizer or load_tokenizer(path)
+        if backend == "compile":
+            model.language_model.model.layers = torch.nn.ModuleList(torch.compile(layer, dynamic=True)
+                                                                    for layer in model.language_model.model.layers)
+        elif backend != "eager":
+            raise ValueError(f"unknown backend {backend!r}; available: eager, compile")
+        return cls(Inferencer(model, vae, tokenizer), config)
+
+    # Properties the node shows -----------------------------------------------------------------
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.config.trained)
+
+    @property
+    def depth_range(self) -> tuple[float, float]:
+        return tuple(self.config.depth_range)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.segmentation_codec.class_names
+
+    @property
+    def palette(self) -> np.ndarray:
+        return self.segmentation_codec.palette
+
+    @property
+    def device(self) -> torch.device:
+        return self.inferencer.device
+
+    # Settings -----------------------------------------------------------------------------------
+    def settings(self, task: str, **overrides) -> Settings:
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(Settings)}
+        if unknown:
+            raise CooperInputError(f"unknown settings {sorted(unknown)}")
+        values = dict(TASK_DEFAULTS[task])
+        values.update(self.config.pipeline_defaults)
+        values.update({k: v for k, v in overrides.items() if v is not None or k == "seed"})
+        values["cfg_interval"] = tuple(values["cfg_interval"])
+        s = Settings(**values)
+        s.validate()
+        return s
+
+    def _transforms(self, s: Settings) -> tuple[ImageTransformConfig, ImageTransformConfig]:
+        vae, vit = self.config.vae_transform, self.config.vit_transform
+        if s.vae_resolution:
+            vae = dataclasses.replace(vae, max_size=int(s.vae_resolution), min_size=min(vae.min_size, int(s.vae_resolution)))
+        if s.vit_resolution:
+            vit = dataclasses.replace(vit, max_size=int(s.vit_resolution), min_size=min(vit.min_size, int(s.vit_resolution)))
+        return vae, vit
+
+    def _check_image(self, rgb) -> Image.Image:
+        image = ip.as_pil_rgb(rgb)
+        if image.width * image.height > self.max_image_pixels:
+            raise CooperInputError(f"image {image.width}x{image.height} exceeds {self.max_image_pixels} pixels")
+        return image
+
+    def _run(self, s: Settings, fn):
+        """One call: its own seeded generator; calls from several threads take turns on the device."""
+        generator = torch.Generator().manual_seed(int(s.seed)) if s.seed is not None else None
+        with self._lock, torch.inference_mode():
+            return fn(generator)
+
+    def _image_settings(self, s: Settings) -> ImageGenerationSettings:
+        return ImageGenerationSettings(s.num_steps, s.timestep_shift, s.cfg_text_scale, s.cfg_img_scale,
+                                       s.cfg_interval, s.cfg_renorm_type, s.cfg_renorm_min)
+
+    def _generate_map(self, image: Image.Image, prompt: str, s: Settings, generator):
+        """Upstream `depth_map_generation` / `segmentation_generation`: [image, prompt] -> image."""
+        inf, timings = self.inferencer, {}
+        start = time.perf_counter()
+        ctx, cfg_img = inf.new_context(*self._transforms(s)), inf.new_context(*self._transforms(s))
+        resized = ip.resize(image, ctx.vae_transform)
+        ctx.add_image(resized, vit=True, vae=True, generator=generator)
+        cfg_text = ctx.copy()
+        ctx.add_text(prompt)
+        cfg_img.add_text(prompt)
+        timings["prefill"] = time.perf_counter() - start
+        start = time.perf_counter()
+        latents = inf.generate_latents(ctx, resized.height, resized.width, self._image_settings(s), cfg_text,
+                                       cfg_img, generator)
+        timings["denoise"] = time.perf_counter() - start
+        start = time.perf_counter()
+        decoded = inf.decode_latents(latents, resized.height, resized.width)
+        timings["vae_decode"] = time.perf_counter() - start
+        return decoded, timings
+
+    # Tasks ----------------------------------------------------------------------------------------
+    def depth(self, rgb, **overrides) -> DepthOutput:
+        image = self._check_image(rgb)
+        s = self.settings("depth", **overrides)
+        start = time.perf_counter()
+        decoded, timings = self._run(s, lambda g: self._generate_map(image, prompts.DEPTH_PROMPT, s, g))
+        d01 = decode_depth01(decoded)[None, None]
+        d01 = torch.nn.functional.interpolate(d01, size=(image.height, image.width), mode="bilinear",
+                                              align_corners=False)[0, 0].clamp(0, 1).cpu().numpy().astype(np.float32)
+        timings["total"] = time.perf_counter() - start
+        return DepthOutput(self.depth_codec.from_unit(d01), d01, colorize_depth(d01), timings)
+
+    def segment(self, rgb, **overrides) -> SegmentationOutput:
+        image = self._check_image(rgb)
+        s = self.settings("segment", **overrides)
+        start = time.perf_counter()
+        decoded, timings = self._run(s, lambda g: self._generate_map(image, prompts.SEGMENTATION_PROMPT, s, g))
+        raw = Image.fromarray(ip.to_uint8(decoded)).resize(image.size, Image.NEAREST)
+        raw = np.asarray(raw)
+        labels = self.segmentation_codec.decode(raw)
+        timings["total"] = time.perf_counter() - start
+        return SegmentationOutput(self.segmentation_codec.encode(labels), labels, raw, timings)
+
+    def ask(self, rgb, question: str, mode: str = "interleave", max_turns: int = 3, **overrides) -> AskOutput:
+        image = self._check_image(rgb)
+        if not isinstance(question, str) or not question.strip():
+            raise CooperInputError("question is empty")
+        if len(question) > self.max_question_chars:
+            raise CooperInputError(f"question has {len(question)} characters; the limit is {self.max_question_chars}")
+        if mode not in MODES:
+            raise CooperInputError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+        if not 1 <= int(max_turns) <= 16:
+            raise CooperInputError(f"max_turns must be in [1, 16], got {max_turns}")
+        s = self.settings("ask", **overrides)
+        text = TextSettings(s.max_new_tokens, s.do_sample, s.temperature, s.top_p)
+        start = time.perf_counter()
+        result = self._run(s, lambda g: Reasoner(self.inferencer, self._image_settings(s), text, g,
+                                                 self._transforms(s)).run(image, question, mode, int(max_turns)))
+        result.timings["total"] = time.perf_counter() - start
+        return AskOutput(result.answer, extract_boxed(result.answer), result.turns, result.tools_used,
+                         result.images, mode, result.timings)
