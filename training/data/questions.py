@@ -228,7 +228,7 @@ class QuestionMaker:
         cls = self._pick(multi if multi and self.rng.random() < 0.7 else sorted(counts))
         q = {"category": "counting", "objects": [o.instance_id for o in self.s.objects
                                                  if o.class_name == cls and o.pixels > 0],
-             "tool": TOOL["counting"]}
+             "tool": TOOL["counting"], "class_name": cls}
         text = self._phrase("counting", p=PLURAL[cls])
         n = counts[cls]
         if self.rng.random() < 0.5:
@@ -251,7 +251,7 @@ class QuestionMaker:
         cls = self._pick(pool)
         return {"category": "existence", "objects": [o.instance_id for o in self.s.objects
                                                      if o.class_name == cls and o.pixels > 0],
-                "tool": TOOL["existence"], "form": "yesno", "question": self._phrase("existence", c=cls),
+                "tool": TOOL["existence"], "class_name": cls, "form": "yesno", "question": self._phrase("existence", c=cls),
                 "answer": "yes" if want_yes else "no", "tolerance": {"exact": True}}
 
     def make(self, n: int) -> list[dict]:

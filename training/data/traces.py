@@ -1,0 +1,181 @@
+"""COOPER's training formats built from ground truth.
+
+- Stage-2 SFT (`Interleaved_SFT.jsonl`): {"interleaved_reason": [{"type": "text"|"image",
+  "value": str | base64 image, "need_loss": "true"|"false"}, ...]}. A trace that needs depth calls
+  `<depth-estimation>` and gets the ground-truth depth (Spectral-coloured, as COOPER feeds a
+  generated map back); counting/existence call `<segmentation>` and get the ground-truth class
+  map in the checkpoint palette; both are followed by the reflection prompt. Questions no tool
+  helps with get a direct `<think>...</think><answer>...\\boxed{}</answer>` trace.
+- RL (`RL_data.jsonl`): {question, answer, image, data_id, flag}; `image` is relative to the
+  image root. flag: "negative" when no tool is needed, "boundary" when a tool helps but the image
+  alone usually settles it (ordinal depth questions with a >2x depth gap, existence), else "positive".
+- Stage 1: one row per view and modality: RGB -> depth target (uint16 mm PNG + its grayscale
+  DepthCodec pseudo-image over `depth_range`) and RGB -> segmentation colour image.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+from PIL import Image
+
+from cooper_model.codecs import DepthCodec, SegmentationCodec, colorize_depth, default_palette
+from cooper_model.prompts import DEPTH_PROMPT, REFLECTION_PROMPT, SEGMENTATION_PROMPT
+
+from .catalogue import CLASS_NAMES, PLURAL
+from .geometry import project
+from .questions import answer_text
+from .schema import Sample
+
+SEG_CODEC = SegmentationCodec(default_palette(len(CLASS_NAMES)), list(CLASS_NAMES))
+
+
+def image_b64(image: np.ndarray, fmt: str = "JPEG") -> str:
+    """Base64 image as the SFT jsonl stores it (JPEG for photos/depth, PNG for flat label colours)."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def depth_feedback_image(sample: Sample) -> np.ndarray:
+    return colorize_depth(DepthCodec(*sample.depth_range).normalize(sample.depth))
+
+
+def segmentation_image(sample: Sample) -> np.ndarray:
+    return SEG_CODEC.encode(sample.class_map)
+
+
+# ---- reasoning text --------------------------------------------------------------------------
+
+WHY_TOOL = {
+    "depth": ["The question depends on metric distances, which are hard to judge from a single RGB "
+              "image because apparent size mixes object size and distance. A depth map gives the "
+              "distance of every pixel, so I will generate one.",
+              "To answer this I need to know how far the objects are from the camera. Perspective "
+              "alone is ambiguous, so I will estimate the depth of the image first.",
+              "This is a question about 3-D geometry. I should look at the depth of the relevant "
+              "objects rather than guess from the picture, so let me generate a depth map."],
+    "segmentation": ["I need to find every instance of the object class, including small or partly "
+                     "hidden ones. A segmentation map separates the objects, so I will generate one.",
+                     "Locating the objects precisely will help here. Let me segment the image so each "
+                     "object appears as its own coloured region.",
+                     "Counting and finding objects is easier with a segmentation of the scene, so I "
+                     "will segment the objects in the image first."],
+}
+DIRECT = ["This can be read directly from the image: the relation is visible in the layout, so no "
+          "depth map or segmentation is needed.",
+          "The positions of the two objects in the image settle this without any auxiliary map.",
+          "I can answer from the image itself, since the question is about where the objects appear."]
+
+
+def _depth_of(sample: Sample, instance_id: int) -> float:
+    return float(np.nanmedian(sample.depth[sample.instance_map == instance_id]))
+
+
+def _analysis(sample: Sample, q: dict) -> tuple[str, str]:
+    """(reasoning after the tool or in place of it, one-sentence summary) from the ground truth."""
+    obj = [sample.object(i) for i in q["objects"]]
+    cat = q["category"]
+    ans = q.get("answer_text", q["answer"])
+    if cat in ("distance_camera", "size", "height"):
+        o = obj[0]
+        z = _depth_of(sample, o.instance_id)
+        value = {"distance_camera": np.linalg.norm(o.centre), "size": max(o.size), "height": o.height}[cat]
+        if cat == "distance_camera":
+            return (f"In the depth map the {o.label} is at about {z:.1f} m along the viewing direction, "
+                    f"and its centre is {np.hypot(o.centre[0], o.centre[1]):.1f} m off the optical axis, "
+                    f"so it is about {value:.2f} m from the camera.",
+                    f"The {o.label} is about {value:.2f} m from the camera.")
+        x0, y0, x1, y1 = o.bbox2d
+        px = y1 - y0 + 1 if cat == "height" else max(x1 - x0, y1 - y0) + 1
+        what = "tall" if cat == "height" else "long along its longest side"
+        return (f"The depth map places the {o.label} at about {z:.1f} m. At that distance its extent of "
+                f"about {px} pixels in the image corresponds to roughly {value:.2f} m.",
+                f"The {o.label} is about {value:.2f} m {what}.")
+    if cat == "distance_objects":
+        a, b = obj
+        za, zb = _depth_of(sample, a.instance_id), _depth_of(sample, b.instance_id)
+        d = np.linalg.norm(np.subtract(a.centre, b.centre))
+        return (f"From the depth map the {a.label} is about {za:.1f} m away and the {b.label} about "
+                f"{zb:.1f} m. Combining these depths with where they appear in the image, the two "
+                f"objects are about {d:.2f} m apart.",
+                f"The {a.label} and the {b.label} are about {d:.2f} m apart.")
+    if cat in ("closer", "front_behind"):
+        a, b = obj
+        za, zb = _depth_of(sample, a.instance_id), _depth_of(sample, b.instance_id)
+        nearer = a if za < zb else b
+        return (f"The depth map shows the {a.label} at about {za:.1f} m and the {b.label} at about "
+                f"{zb:.1f} m, so the {nearer.label} is nearer to the camera.",
+                f"The answer is {ans}.")
+    if cat == "counting":
+        n = q["answer"] if q["form"] == "numeric" else int(ans)
+        plural = PLURAL[q["class_name"]]
+        return (f"The segmentation map shows {n} separate region{'s' if n != 1 else ''} of {plural}.",
+                f"There {'is' if n == 1 else 'are'} {n} of them in the image.")
+    if cat == "existence":
+        found, name = q["answer"] == "yes", q["class_name"]
+        return (f"The segmentation map {'contains' if found else 'has no'} region labelled {name}.",
+                f"{'Yes' if found else 'No'}, there {'is' if found else 'is no'} {name} in the image.")
+    a, b = obj  # left_right / above_below: read from the image
+    if cat == "left_right":
+        ua, ub = project(np.array([a.centre, b.centre]), sample.intrinsics)[:, 0]
+        return (f"The {a.label} appears around x = {ua:.0f} px and the {b.label} around x = {ub:.0f} px, "
+                f"so the {a.label} is to the {ans} of the {b.label}.", f"The answer is {ans}.")
+    return (f"The {a.label} sits {'higher' if ans == 'above' else 'lower'} in the scene than the "
+            f"{b.label}; their vertical extents do not overlap.", f"The answer is {ans}.")
+
+
+def sft_trace(sample: Sample, q: dict, rng: np.random.Generator) -> dict:
+    """One Stage-2 SFT row in COOPER's interleaved schema."""
+    items = [{"type": "image", "value": image_b64(sample.rgb), "need_loss": "false"},
+             {"type": "text", "value": q["question"], "need_loss": "false"}]
+    reasoning, summary = _analysis(sample, q)
+    final = f"<answer>{summary} \\boxed{{{answer_text(q)}}}</answer>"
+    tool = q["tool"]
+    if tool is None:
+        items.append({"type": "text", "value": f"<think>{DIRECT[rng.integers(len(DIRECT))]} {reasoning}</think>\n{final}",
+                      "need_loss": "true"})
+    else:
+        why = WHY_TOOL[tool][rng.integers(len(WHY_TOOL[tool]))]
+        call, image, fmt = ((DEPTH_PROMPT, depth_feedback_image(sample), "JPEG") if tool == "depth"
+                            else (SEGMENTATION_PROMPT, segmentation_image(sample), "PNG"))
+        items += [{"type": "text", "value": f"<think>{why}</think>\n{call}", "need_loss": "true"},
+                  {"type": "image", "value": image_b64(image, fmt), "need_loss": "false"},
+                  {"type": "text", "value": REFLECTION_PROMPT, "need_loss": "false"},
+                  {"type": "text", "value": f"<think>{reasoning}</think>\n{final}", "need_loss": "true"}]
+    return {"data_id": q["qid"], "category": q["category"], "tool": tool, "interleaved_reason": items}
+
+
+def rl_flag(sample: Sample, q: dict) -> str:
+    if q["tool"] is None:
+        return "negative"
+    if q["category"] == "existence":
+        return "boundary"
+    if q["category"] in ("closer", "front_behind"):
+        za, zb = (_depth_of(sample, i) for i in q["objects"])
+        if max(za, zb) > 2 * min(za, zb):
+            return "boundary"
+    return "positive"
+
+
+def rl_row(sample: Sample, q: dict, image_path: str) -> dict:
+    return {"question": q["question"], "answer": answer_text(q), "image": image_path,
+            "data_id": q["qid"], "flag": rl_flag(sample, q), "category": q["category"]}
+
+
+def stage1_files(sample: Sample) -> dict[str, np.ndarray]:
+    """Extra per-view images for Stage 1: the grayscale depth target and the segmentation colours."""
+    return {"depth_target.png": DepthCodec(*sample.depth_range).encode(sample.depth),
+            "seg.png": segmentation_image(sample)}
+
+
+def stage1_rows(sample: Sample, view_dir: str) -> list[dict]:
+    """Rows for COOPER's Stage-1 dataset (paths relative to the data_dir)."""
+    base = {"rgb_image": f"{view_dir}/rgb.png", "data_id": sample.sample_id}
+    return [dict(base, task="depth", prompt=DEPTH_PROMPT, depth_image=f"{view_dir}/depth.png",
+                 depth_scale=1000.0, depth_range=list(sample.depth_range),
+                 depth_target=f"{view_dir}/depth_target.png"),
+            dict(base, task="segmentation", prompt=SEGMENTATION_PROMPT, seg_image=f"{view_dir}/seg.png",
+                 label_image=f"{view_dir}/class.png")]
