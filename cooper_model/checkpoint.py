@@ -12,7 +12,9 @@ never exists twice in memory. Names and shapes are checked before any tensor is 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -20,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .autoencoder import FluxAutoencoder, infer_autoencoder_config
-from .config import CooperConfig
+from .config import COOPER_CONFIG_FILE, CooperConfig
 from .modeling import CooperModel
 
 WEIGHT_FILES = ("ema.safetensors", "model.safetensors")
@@ -94,12 +96,39 @@ def _read(found, keys, dtype, device_of) -> dict[str, torch.Tensor]:
     return state
 
 
+def read_config(path: str | Path) -> CooperConfig:
+    """The checkpoint's config. Released checkpoints have no `cooper_config.json`: then the sizes
+    upstream's loader hard-codes are read off the files instead (table sizes, autoencoder), and the
+    transforms are capped to what those tables cover."""
+    path = Path(path)
+    config = CooperConfig.from_pretrained(path)
+    if (path / COOPER_CONFIG_FILE).is_file():
+        return config
+    found = {k: v[0] for k, v in _shapes(weight_map(path)).items()}
+    for key, attr in (("latent_pos_embed.pos_embed", "max_latent_size"), ("vit_pos_embed.pos_embed", "vit_max_num_patch_per_side")):
+        if key in found:
+            side = math.isqrt(found[key][0])
+            if side * side != found[key][0]:
+                raise CheckpointError(f"{path}: {key} has {found[key][0]} rows, not a square grid")
+            setattr(config, attr, side)
+    if (path / AE_FILE).is_file():
+        with safe_open(str(path / AE_FILE), "pt") as f:
+            config.vae = infer_autoencoder_config({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    vae_max = min(config.vae_transform.max_size, config.max_latent_size * config.latent_downsample)
+    vit_max = min(config.vit_transform.max_size, config.vit.image_size)
+    config.vae_transform = dataclasses.replace(config.vae_transform, max_size=vae_max,
+                                               min_size=min(config.vae_transform.min_size, vae_max))
+    config.vit_transform = dataclasses.replace(config.vit_transform, max_size=vit_max,
+                                               min_size=min(config.vit_transform.min_size, vit_max))
+    return config
+
+
 def load_model(path: str | Path, config: CooperConfig | None = None, device="cpu", dtype="float32",
                device_map: str | dict | None = None, max_memory: dict | None = None) -> CooperModel:
     """Build on the meta device, check every name and shape, then assign tensors from the files.
     `device_map="auto"` spreads layers over the visible GPUs with accelerate."""
     path = Path(path)
-    config = config or CooperConfig.from_pretrained(path)
+    config = config or read_config(path)
     dtype = _dtype(dtype)
     with torch.device("meta"):
         model = CooperModel(config)

@@ -25,7 +25,7 @@ from PIL import Image
 
 from . import image_processor as ip
 from . import prompts
-from .checkpoint import CheckpointError, _dtype, load_autoencoder, load_model
+from .checkpoint import CheckpointError, load_autoencoder, load_model, read_config
 from .codecs import DepthCodec, SegmentationCodec, colorize_depth, default_palette
 from .config import CooperConfig, ImageTransformConfig
 from .image_processor import CooperInputError
@@ -124,7 +124,7 @@ class CooperPipeline:
         if not path.is_dir():
             raise CheckpointError(f"{path}: checkpoint directory not found")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        config = CooperConfig.from_pretrained(path)
+        config = read_config(path)
         model = load_model(path, config, device=device, dtype=dtype, device_map=device_map)
         vae = load_autoencoder(path, device=model.device, dtype=vae_dtype or dtype)
         tokenizer = tokenizer or load_tokenizer(path)
