@@ -5,6 +5,7 @@ On disk a sample is a directory:
     depth.png            uint16 planar depth in millimetres, 0 = invalid (optional)
     class.png            uint8 class ids in `class_names` (optional)
     instance.png         uint16 instance ids, 0 = not an object (optional)
+    seg_image.png        colour segmentation as a dataset ships it (optional)
     meta.json            everything else (intrinsics, pose, objects, questions, ...)
 Depth in memory is float32 metres with NaN where invalid.
 """
@@ -50,6 +51,7 @@ class Sample:
     depth: np.ndarray | None = None  # float32 [H,W] metres, NaN invalid
     class_map: np.ndarray | None = None  # int32 [H,W] index into class_names
     instance_map: np.ndarray | None = None  # int32 [H,W], 0 = no object
+    seg_image: np.ndarray | None = None  # uint8 [H,W,3] colour segmentation as a dataset ships it
     class_names: list[str] | None = None
     intrinsics: Intrinsics | None = None
     cam_to_world: np.ndarray | None = None  # 4x4, OpenCV camera, z-up world
@@ -73,6 +75,8 @@ class Sample:
             Image.fromarray(self.class_map.astype(np.uint8)).save(d / "class.png")
         if self.instance_map is not None:
             Image.fromarray(self.instance_map.astype(np.uint16)).save(d / "instance.png")
+        if self.seg_image is not None:
+            Image.fromarray(self.seg_image).save(d / "seg_image.png")
         meta = {
             "sample_id": self.sample_id,
             "source": self.source,
@@ -91,7 +95,7 @@ class Sample:
     def load(directory: str | os.PathLike) -> "Sample":
         d = Path(directory)
         meta = json.loads((d / "meta.json").read_text())
-        depth = class_map = instance_map = None
+        depth = class_map = instance_map = seg_image = None
         if (d / "depth.png").exists():
             raw = np.asarray(Image.open(d / "depth.png")).astype(np.float32)
             depth = np.where(raw > 0, raw / meta.get("depth_png_scale", DEPTH_PNG_SCALE), np.nan)
@@ -100,6 +104,8 @@ class Sample:
             class_map = np.asarray(Image.open(d / "class.png")).astype(np.int32)
         if (d / "instance.png").exists():
             instance_map = np.asarray(Image.open(d / "instance.png")).astype(np.int32)
+        if (d / "seg_image.png").exists():
+            seg_image = np.asarray(Image.open(d / "seg_image.png").convert("RGB"))
         intr = meta.get("intrinsics")
         pose = meta.get("cam_to_world")
         return Sample(
@@ -109,6 +115,7 @@ class Sample:
             depth=depth,
             class_map=class_map,
             instance_map=instance_map,
+            seg_image=seg_image,
             class_names=meta.get("class_names"),
             intrinsics=Intrinsics.from_dict(intr) if intr else None,
             cam_to_world=None if pose is None else np.array(pose),

@@ -220,8 +220,9 @@ def generate(out: str, num_scenes: int, views: int, seed: int, split: str, width
     args = [(root, i, cfg) for i in todo]
     bar = tqdm(total=num_scenes, initial=num_scenes - len(todo), unit="scene", disable=not progress)
     if workers > 1 and len(todo) > 1:
-        # spawn: a fresh interpreter per worker, no PyBullet state copied across fork.
-        with mp.get_context("spawn").Pool(min(workers, len(todo))) as pool:
+        # fork is safe: the parent never opens a PyBullet client (workers create theirs lazily),
+        # and it spares each worker re-importing the model package.
+        with mp.get_context("fork").Pool(min(workers, len(todo))) as pool:
             for _ in pool.imap_unordered(_task, args):
                 bar.update()
     else:

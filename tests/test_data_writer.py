@@ -1,0 +1,125 @@
+"""The synth writer: COOPER formats, determinism, resume after an interrupt, dataset card."""
+
+import base64
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cooper_model.codecs import DepthCodec
+from cooper_model.prompts import DEPTH_PROMPT, REFLECTION_PROMPT, SEGMENTATION_PROMPT
+from training.data.questions import TOOL, score
+from training.data.readers import read_synth
+from training.data.synth import generate, main
+from training.data.traces import SEG_CODEC
+
+CFG = dict(num_scenes=3, views=2, seed=5, split="train", width=64, height=48, questions=6, traces=6,
+           progress=False)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    card = generate(str(out), workers=2, **CFG)
+    return out / "train", card
+
+
+def _rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def _img(b64):
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def test_layout_and_card(dataset):
+    root, card = dataset
+    for name in ("questions.jsonl", "Interleaved_SFT.jsonl", "RL_data.jsonl", "stage1.jsonl", "manifest.json",
+                 "card.md", "card.json", "depth_hist.png", "distance_hist.png", "categories.png"):
+        assert (root / name).exists(), name
+    assert card["views"] == 6 and len(_rows(root / "stage1.jsonl")) == 12
+    questions = _rows(root / "questions.jsonl")
+    assert sum(card["questions_per_category"].values()) == len(questions)
+    frames = json.loads((root / "manifest.json").read_text())["frames"]
+    assert len(frames) == 6 and {"fx", "fy", "cx", "cy", "width", "height"} <= set(frames[0])
+    assert Image.open(root / "depth_hist.png").size[0] > 100
+
+
+def test_sft_traces_follow_cooper_schema(dataset):
+    root, _ = dataset
+    samples = {s.sample_id: s for s in read_synth(root)}
+    rows = _rows(root / "Interleaved_SFT.jsonl")
+    tools = set()
+    for r in rows:
+        items = r["interleaved_reason"]
+        assert all(it["need_loss"] in ("true", "false") for it in items)
+        assert items[0]["type"] == "image" and items[1]["type"] == "text"
+        last = items[-1]["value"]
+        assert items[-1]["need_loss"] == "true"
+        assert re.fullmatch(r"<think>.*?</think>\s*<answer>.*?\\boxed\{.+?\}.*?</answer>", last, re.S)
+        tool = r["tool"]
+        tools.add(tool)
+        sample = samples[r["data_id"].rsplit("_q", 1)[0]]
+        q = next(q for q in sample.questions if q["qid"] == r["data_id"])
+        assert tool == TOOL[q["category"]]
+        assert score(q, last)  # the trace's boxed answer is the ground truth
+        if tool is None:
+            assert len(items) == 3
+            continue
+        call, image, reflection = items[2], items[3], items[4]
+        assert call["need_loss"] == "true" and re.fullmatch(r"<think>.*?</think>\s*<(depth-estimation|segmentation)>.*",
+                                                           call["value"], re.S)
+        assert call["value"].endswith(DEPTH_PROMPT if tool == "depth" else SEGMENTATION_PROMPT)
+        assert image["type"] == "image" and image["need_loss"] == "false"
+        assert reflection == {"type": "text", "value": REFLECTION_PROMPT, "need_loss": "false"}
+        if tool == "segmentation":  # lossless: the map decodes back to the ground-truth classes
+            assert np.array_equal(SEG_CODEC.decode(_img(image["value"])), sample.class_map)
+    assert {"depth", "segmentation"} <= tools
+
+
+def test_rl_rows_and_stage1_targets(dataset):
+    root, _ = dataset
+    for r in _rows(root / "RL_data.jsonl"):
+        assert set(r) >= {"question", "answer", "image", "data_id", "flag"}
+        assert r["flag"] in ("positive", "negative", "boundary")
+        assert (r["flag"] == "negative") == (TOOL[r["category"]] is None)
+        assert (root / r["image"]).exists()
+    for r in _rows(root / "stage1.jsonl"):
+        if r["task"] == "depth":
+            raw = np.asarray(Image.open(root / r["depth_image"])).astype(np.float32) / r["depth_scale"]
+            target = np.asarray(Image.open(root / r["depth_target"]))
+            codec = DepthCodec(*r["depth_range"])
+            valid = (raw > 0) & (raw < r["depth_range"][1])
+            step = (r["depth_range"][1] - r["depth_range"][0]) / 255
+            assert np.abs(codec.decode(target)[valid] - raw[valid]).max() <= step / 2 + 1e-3
+        else:
+            labels = np.asarray(Image.open(root / r["label_image"]))
+            assert np.array_equal(SEG_CODEC.decode(np.asarray(Image.open(root / r["seg_image"]))), labels)
+
+
+def _tree(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.suffix in (".jsonl", ".json", ".png") and not p.name.endswith("hist.png")
+            and p.name != "categories.png"}
+
+
+def test_deterministic_and_resumable(dataset, tmp_path):
+    root, _ = dataset
+    # Interrupted run: one scene finished, a half-written scene left behind.
+    main(["--out", str(tmp_path), "--num-scenes", "1", "--views-per-scene", "2", "--seed", "5",
+          "--width", "64", "--height", "48", "--questions-per-view", "6", "--traces-per-view", "6",
+          "--workers", "1"])
+    junk = tmp_path / "train" / "scenes" / ".tmp_scene_000001_999"
+    junk.mkdir()
+    (junk / "sft.jsonl").write_text("half a line")
+    generate(str(tmp_path), workers=1, **CFG)
+    assert not junk.exists()
+    assert _tree(tmp_path / "train") == _tree(root)  # same bytes as the uninterrupted 2-worker run
+    # Another split never shares a scene.
+    generate(str(tmp_path), workers=1, **dict(CFG, split="val", num_scenes=1))
+    a = np.asarray(Image.open(tmp_path / "val" / "scenes" / "scene_000000" / "view_00" / "rgb.png"))
+    b = np.asarray(Image.open(root / "scenes" / "scene_000000" / "view_00" / "rgb.png"))
+    assert not np.array_equal(a, b)
