@@ -125,6 +125,12 @@ class _Stat:
         return self.total / self.n if self.n else 0.0
 
 
+def _clean(text: Any) -> str:
+    """A string rclpy can send: valid UTF-8, no NUL (a NUL cuts a ROS string short)."""
+    s = "" if text is None else str(text)
+    return s.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+
+
 def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
@@ -560,13 +566,13 @@ class CooperNode(LifecycleNode):
         if depth_out is not None:
             depth = np.asarray(depth_out.depth, dtype=np.float32)
             lo, hi = s["depth.min_m"], s["depth.max_m"]
-            if lo > 0 or hi > 0:
+            if lo > 0 or hi > 0:  # REP 118: -inf too close, +inf too far, NaN invalid
                 depth = depth.copy()
                 with np.errstate(invalid="ignore"):
                     if lo > 0:
-                        depth[depth < lo] = np.nan
+                        depth[depth < lo] = -np.inf
                     if hi > 0:
-                        depth[depth > hi] = np.nan
+                        depth[depth > hi] = np.inf
             if want.get("depth"):
                 p["depth"].publish(ic.array_to_image(depth, "32FC1", header))
                 ci = self._camera_info
@@ -642,7 +648,7 @@ class CooperNode(LifecycleNode):
 
     def _fail(self, resp, t0: float, text: str, level: str = "warning"):
         resp.success = False
-        resp.message = text
+        resp.message = _clean(text)
         resp.latency_s = float(time.monotonic() - t0)
         with self._stats_lock:
             self._s["queries_failed"] += 1
@@ -733,14 +739,14 @@ class CooperNode(LifecycleNode):
         resp.success = True
         resp.message = "" if self._pipe_info.get("trained") else \
             "warning: the model's weights are untrained; the answer is meaningless"
-        resp.answer = str(out.answer or "")
-        resp.boxed_answer = str(out.boxed_answer or "")
-        resp.reasoning_turns = [str(t) for t in out.turns]
-        resp.tools_used = [str(t) for t in out.tools_used]
+        resp.answer = _clean(out.answer)
+        resp.boxed_answer = _clean(out.boxed_answer)
+        resp.reasoning_turns = [_clean(t) for t in out.turns]
+        resp.tools_used = [_clean(t) for t in out.tools_used]
         if s["query.return_images"]:
             resp.auxiliary_images = [ic.array_to_image(np.asarray(im, dtype=np.uint8), "rgb8", header)
                                      for _name, im in out.images]
-            resp.auxiliary_image_names = [str(n) for n, _im in out.images]
+            resp.auxiliary_image_names = [_clean(n) for n, _im in out.images]
         resp.image_stamp = TimeMsg(sec=header.stamp.sec, nanosec=header.stamp.nanosec)
         resp.image_frame_id = header.frame_id
         resp.latency_s = float(time.monotonic() - t0)

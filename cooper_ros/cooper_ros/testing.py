@@ -61,6 +61,15 @@ def make_image(arr: np.ndarray, encoding: str = "rgb8", stamp=None, frame_id: st
     return ic.array_to_image(arr, encoding, h)
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Linux: the node gets SIGTERM when the process that started it dies (no orphans)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 class NodeProcess:
     """``python -m cooper_ros.node`` in a child process, logging to a file."""
 
@@ -102,7 +111,7 @@ class NodeProcess:
         env.setdefault("RCUTILS_LOGGING_BUFFERED_STREAM", "0")
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env)
+                                     stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent)
         return self
 
     @property
@@ -157,6 +166,11 @@ class NodeProcess:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class _Buffer(deque):
+    """deque of (receive_time_ns, msg) that keeps its subscription alive."""
+    subscription: Any = None
 
 
 class RosClient:
@@ -216,12 +230,12 @@ class RosClient:
         """Subscribe and return a deque of (receive_time_ns, msg) that fills in the background."""
         from rclpy.qos import QoSProfile, ReliabilityPolicy
 
-        buf: deque = deque(maxlen=maxlen)
+        buf = _Buffer(maxlen=maxlen)
         qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE if reliable
                          else ReliabilityPolicy.BEST_EFFORT)
         sub = self.node.create_subscription(
             msg_type, topic, lambda m: buf.append((self.node.get_clock().now().nanoseconds, m)), qos)
-        buf.subscription = sub  # type: ignore[attr-defined]  # keep alive
+        buf.subscription = sub
         return buf
 
     def unsubscribe(self, buf):
