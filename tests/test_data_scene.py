@@ -89,7 +89,6 @@ def test_projected_box_centre_inside_2d_box(random_views):
 def test_hand_built_scene_boxes(builder):
     """No occlusion here: every projected centre must fall inside its visible 2-D box."""
     sample, layout, _ = _hand_built(builder)
-    assert len(sample.objects) == len(layout)
     for o in sample.objects:
         x0, y0, x1, y1 = o.bbox2d
         u, v = project(np.array([o.centre]), sample.intrinsics)[0]
@@ -141,13 +140,20 @@ def test_generation_is_deterministic(builder):
     assert [o.centre for o in a.objects] == [o.centre for o in b.objects]
 
 
-def _hand_built(builder):
-    """Camera at 0.8 m looking along +x; red box straight ahead, blue box to its left, behind it."""
-    layout = [
-        {"class": "box", "size": (0.4, 0.4, 0.4), "colour": "red", "xy": (2.0, 0.0)},
-        {"class": "box", "size": (0.3, 0.3, 0.3), "colour": "blue", "xy": (3.5, 1.2)},
-        {"class": "cabinet", "size": (0.6, 0.5, 0.9), "colour": "white", "xy": (2.5, -1.4)},
-    ]
+HAND_BUILT = [
+    # Camera at 0.8 m looking along +x; red box ahead, blue box to its left and behind it.
+    [{"class": "box", "size": (0.4, 0.4, 0.4), "colour": "red", "xy": (2.0, 0.0)},
+     {"class": "box", "size": (0.3, 0.3, 0.3), "colour": "blue", "xy": (3.5, 1.2)},
+     {"class": "cabinet", "size": (0.6, 0.5, 0.9), "colour": "white", "xy": (2.5, -1.4)}],
+    # A green box stacked on a brown cabinet, a yellow bin and a second cabinet on the floor.
+    [{"class": "cabinet", "size": (0.8, 0.5, 0.8), "colour": "brown", "xy": (2.6, 0.3)},
+     {"class": "box", "size": (0.3, 0.3, 0.25), "colour": "green", "xy": (2.6, 0.3), "base": 0.8},
+     {"class": "trash bin", "size": (0.3, 0.3, 0.4), "colour": "yellow", "xy": (1.9, -0.9)},
+     {"class": "cabinet", "size": (0.6, 0.5, 0.9), "colour": "blue", "xy": (3.4, 1.6)}],
+]
+
+
+def _hand_built(builder, layout=HAND_BUILT[0]):
     scene = builder.build_fixed(layout)
     pose = look_pose([0.0, 0.0, 0.8], 0.0, np.radians(-10), 0.0)
     intr = Intrinsics(100.0, 100.0, 80.0, 60.0, 160, 120)
@@ -155,15 +161,20 @@ def _hand_built(builder):
     return sample, layout, pose
 
 
-def test_hand_built_scene_answers_match_independent_geometry(builder):
-    sample, layout, pose = _hand_built(builder)
+@pytest.mark.parametrize("layout", HAND_BUILT)
+def test_hand_built_scene_answers_match_independent_geometry(builder, layout):
+    sample, layout, pose = _hand_built(builder, layout)
     cam = pose[:3, 3]
-    world = {it["colour"]: np.array([*it["xy"], it["size"][2] / 2]) for it in layout}
+    world = {it["colour"]: np.array([*it["xy"], it.get("base", 0.0) + it["size"][2] / 2]) for it in layout}
+    bottom = {it["colour"]: it.get("base", 0.0) for it in layout}
+    top = {it["colour"]: it.get("base", 0.0) + it["size"][2] for it in layout}
+    classes = [it["class"] for it in layout]
     expected = {
         "distance_camera": {c: np.linalg.norm(p - cam) for c, p in world.items()},
         "size": {c: max(it["size"]) for c, it in zip(world, layout)},
         "height": {c: it["size"][2] for c, it in zip(world, layout)},
     }
+    assert len(sample.objects) == len(layout)
     by_colour = {o.colour: o for o in sample.objects}
     for c, o in by_colour.items():
         assert o.pixels > 0
@@ -196,10 +207,14 @@ def test_hand_built_scene_answers_match_independent_geometry(builder):
                 assert value.startswith(nearer), q
             else:
                 assert value == ("in front" if world[cols[0]][0] < world[cols[1]][0] else "behind"), q
+        elif cat_ == "above_below":
+            above = bottom[cols[0]] >= top[cols[1]] - 0.01
+            assert above or bottom[cols[1]] >= top[cols[0]] - 0.01, q
+            assert value == ("above" if above else "below"), q
         elif cat_ == "counting":
-            n = {"boxes": 2, "cabinets": 1}[next(p for p in ("boxes", "cabinets") if p in q["question"])]
-            assert int(value) == n, q
+            assert int(value) == classes.count(q["class_name"]), q
         elif cat_ == "existence":
-            present = any(w in q["question"] for w in (" box ", " box?", "cabinet"))
-            assert value == ("yes" if present else "no"), q
+            assert value == ("yes" if q["class_name"] in classes else "no"), q
     assert {"distance_camera", "distance_objects", "left_right", "counting", "existence"} <= seen
+    if any(it.get("base") for it in layout):
+        assert "above_below" in seen

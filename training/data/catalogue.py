@@ -101,7 +101,7 @@ OBJECT_CLASSES: tuple[ObjectClass, ...] = (
             Part("box", (0.03, 0, -0.28), (0.47, 0.5, 0.22)),
             Part("box", (-0.48, 0, 0.0), (0.02, 0.5, 0.5), "brown"),
         ),
-        colours=("white", "blue", "gray", "pink", "green", "yellow"),
+        colours=("white", "blue", "gray", "pink", "green", "yellow"), support=True,
     ),
     ObjectClass(
         "cabinet", "parametric", (0.5, 0.4, 0.7), (0.9, 0.6, 1.0), "furniture",

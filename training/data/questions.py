@@ -37,6 +37,7 @@ TOOL = {"distance_camera": "depth", "distance_objects": "depth", "closer": "dept
         "counting": "segmentation", "existence": "segmentation",
         "left_right": None, "above_below": None}
 LETTERS = "ABCD"
+PAIR_FIRST = ("above_below", "front_behind", "left_right", "closer", "distance_objects")
 
 PHRASES = {
     "distance_camera": ["How far is the {a} from the camera?",
@@ -255,11 +256,15 @@ class QuestionMaker:
                 "answer": "yes" if want_yes else "no", "tolerance": {"exact": True}}
 
     def make(self, n: int) -> list[dict]:
-        """Up to n distinct questions, cycling the categories in random order for balance."""
+        """Up to n distinct questions, cycling the categories in random order for balance.
+
+        Pair relations are tried first: they are only sometimes answerable, while single-object
+        questions almost always are, so trying them last evens out the category counts."""
         out: list[dict] = []
         while len(out) < n:
             added = False
-            for category in self.rng.permutation(CATEGORIES):
+            order = sorted(self.rng.permutation(CATEGORIES), key=lambda c: c not in PAIR_FIRST)
+            for category in order:
                 q = getattr(self, str(category))()
                 if q is None or any(q["question"] == p["question"] for p in out):
                     continue

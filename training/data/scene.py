@@ -226,7 +226,7 @@ class SceneBuilder:
             colour = None if cls.keep_texture else cls.colours[rng.integers(len(cls.colours))]
             yaw = rng.uniform(-np.pi, np.pi)
             placed = None
-            if cls.role == "small" and supports and rng.random() < 0.6:
+            if cls.role == "small" and supports and rng.random() < 0.75:
                 placed = self._place_on_support(size, supports, rng)
             if placed is None:
                 placed = self._place_on_floor(size, room, footprints, rng)
@@ -239,11 +239,13 @@ class SceneBuilder:
         return self._finish(room, wall_h, static, objects)
 
     def build_fixed(self, layout: list[dict], room=(9.0, 9.0), wall_h: float = 3.0) -> dict:
-        """A hand-specified scene: items {class, size (x,y,z), colour, xy, yaw} resting on the floor."""
+        """A hand-specified scene: items {class, size (x,y,z), colour, xy, yaw, base} whose bottom
+        starts at height `base` (default 0: the floor; use a support's height to stack)."""
         self._reset()
         static = self._room(np.random.default_rng(0), np.asarray(room, float), wall_h)
         objects = [self._add(cat.BY_NAME[it["class"]], np.asarray(it["size"], float), it.get("colour"),
-                             [it["xy"][0], it["xy"][1], it["size"][2] / 2 + 0.002], it.get("yaw", 0.0))
+                             [it["xy"][0], it["xy"][1], it.get("base", 0.0) + it["size"][2] / 2 + 0.002],
+                             it.get("yaw", 0.0))
                    for it in layout]
         return self._finish(room, wall_h, static, objects)
 

@@ -77,7 +77,7 @@ def write_scene(root: Path, index: int, cfg: dict) -> str:
             Image.fromarray(img).save(tmp / view / fname)
         rows["questions.jsonl"] += [dict(q, image=f"{rel}/rgb.png") for q in s.questions]
         rows["rl.jsonl"] += [rl_row(s, q, f"{rel}/rgb.png") for q in s.questions]
-        rows["sft.jsonl"] += [sft_trace(s, q, rng) for q in s.questions[:cfg["traces"]]]
+        rows["sft.jsonl"] += [sft_trace(s, q, rng) for q in _trace_choice(s.questions, cfg["traces"], rng)]
         rows["stage1.jsonl"] += stage1_rows(s, rel)
         d = s.depth[np.isfinite(s.depth)]
         stats["depth_hist"] += np.histogram(d, DEPTH_BINS)[0]
@@ -95,6 +95,22 @@ def write_scene(root: Path, index: int, cfg: dict) -> str:
     (tmp / "stats.json").write_text(json.dumps(stats))
     os.rename(tmp, final)  # atomic: the scene appears complete or not at all
     return name
+
+
+def _trace_choice(questions: list[dict], k: int, rng: np.random.Generator) -> list[dict]:
+    """k questions taken round-robin over tools (depth / segmentation / none), starting from a
+    random tool, so the traces are balanced across tools."""
+    groups: dict = {}
+    for q in questions:
+        groups.setdefault(q["tool"], []).append(q)
+    queues = [g for _, g in sorted(groups.items(), key=lambda kv: str(kv[0]))]
+    queues = [queues[i] for i in rng.permutation(len(queues))]
+    picked: list[dict] = []
+    while len(picked) < k and any(queues):
+        for g in queues:
+            if g and len(picked) < k:
+                picked.append(g.pop(0))
+    return picked
 
 
 def _task(args):
