@@ -66,6 +66,8 @@ def test_sft_traces_follow_cooper_schema(dataset):
         q = next(q for q in sample.questions if q["qid"] == r["data_id"])
         assert tool == TOOL[q["category"]]
         assert score(q, last)  # the trace's boxed answer is the ground truth
+        if q["category"] == "closer":  # and its reasoning agrees with it
+            assert f"so the {q['answer_text']} is nearer" in last
         if tool is None:
             assert len(items) == 3
             continue

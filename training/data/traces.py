@@ -104,10 +104,13 @@ def _analysis(sample: Sample, q: dict) -> tuple[str, str]:
                 f"The {a.label} and the {b.label} are about {d:.2f} m apart.")
     if cat in ("closer", "front_behind"):
         a, b = obj
-        za, zb = _depth_of(sample, a.instance_id), _depth_of(sample, b.instance_id)
+        if cat == "closer":  # the answer compares centre distances, so the text does too
+            za, zb = np.linalg.norm(a.centre), np.linalg.norm(b.centre)
+        else:  # depth extents do not overlap, so the visible surfaces are ordered the same way
+            za, zb = _depth_of(sample, a.instance_id), _depth_of(sample, b.instance_id)
         nearer = a if za < zb else b
-        return (f"The depth map shows the {a.label} at about {za:.1f} m and the {b.label} at about "
-                f"{zb:.1f} m, so the {nearer.label} is nearer to the camera.",
+        return (f"The depth map shows the {a.label} at about {za:.2f} m and the {b.label} at about "
+                f"{zb:.2f} m, so the {nearer.label} is nearer to the camera.",
                 f"The answer is {ans}.")
     if cat == "counting":
         n = q["answer"] if q["form"] == "numeric" else int(ans)
