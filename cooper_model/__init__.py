@@ -1,16 +1,28 @@
-"""COOPER (arXiv 2512.04563) on BAGEL-7B-MoT in PyTorch: the model, its checkpoints and one pipeline API."""
+"""COOPER (arXiv 2512.04563) on BAGEL-7B-MoT in PyTorch: the model, its checkpoints and one pipeline API.
 
-from .checkpoint import CheckpointError, load_autoencoder, load_model, save_checkpoint
-from .codecs import DepthCodec, SegmentationCodec, colorize_depth, default_palette
-from .config import CooperConfig, preset
-from .image_processor import CooperInputError
-from .inference import Context, Inferencer
-from .modeling import CooperModel
-from .pipeline import BUNDLED_CHECKPOINT, AskOutput, CooperPipeline, DepthOutput, SegmentationOutput
+Names are imported on first use, so `cooper_model.codecs` (numpy only) loads without torch.
+"""
 
-__all__ = [
-    "AskOutput", "BUNDLED_CHECKPOINT", "CheckpointError", "Context", "CooperConfig", "CooperInputError",
-    "CooperModel", "CooperPipeline", "DepthCodec", "DepthOutput", "Inferencer", "SegmentationCodec",
-    "SegmentationOutput", "colorize_depth", "default_palette", "load_autoencoder", "load_model", "preset",
-    "save_checkpoint",
-]
+import importlib
+
+_EXPORTS = {
+    "AskOutput": "pipeline", "BUNDLED_CHECKPOINT": "pipeline", "CooperPipeline": "pipeline",
+    "DepthOutput": "pipeline", "SegmentationOutput": "pipeline",
+    "CheckpointError": "checkpoint", "load_autoencoder": "checkpoint", "load_model": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "DepthCodec": "codecs", "SegmentationCodec": "codecs", "colorize_depth": "codecs", "default_palette": "codecs",
+    "CooperConfig": "config", "preset": "config",
+    "CooperInputError": "image_processor",
+    "Context": "inference", "Inferencer": "inference",
+    "CooperModel": "modeling",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'cooper_model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
