@@ -190,7 +190,7 @@ def preset(name: str) -> CooperConfig:
             vit_max_num_patch_per_side=16,
             vae_transform=ImageTransformConfig(256, 128, 16),
             vit_transform=ImageTransformConfig(224, 112, 14),
-            depth_range=(0.05, 10.0),
+            depth_range=(1e-3, 10.0),  # NYUv2's indoor range, as the synthetic data engine
             pipeline_defaults=dict(num_steps=8, max_new_tokens=96),
             name=name,
             trained=False,
