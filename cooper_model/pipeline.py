@@ -45,14 +45,9 @@ TASK_DEFAULTS = {
 
 
 @dataclass
-class Settings:
-    num_steps: int = 50
-    timestep_shift: float = 3.0
-    cfg_text_scale: float = 4.0
-    cfg_img_scale: float = 2.0
-    cfg_interval: tuple[float, float] = (0.4, 1.0)
-    cfg_renorm_type: str = "global"
-    cfg_renorm_min: float = 0.0
+class Settings(ImageGenerationSettings):
+    """Everything one call may override: the image-generation settings plus these."""
+
     seed: int | None = 0
     vae_resolution: int | None = None  # long-edge limit; None = the checkpoint's transform
     vit_resolution: int | None = None
@@ -189,10 +184,6 @@ class CooperPipeline:
         with self._lock, torch.inference_mode():
             return fn(generator)
 
-    def _image_settings(self, s: Settings) -> ImageGenerationSettings:
-        return ImageGenerationSettings(s.num_steps, s.timestep_shift, s.cfg_text_scale, s.cfg_img_scale,
-                                       s.cfg_interval, s.cfg_renorm_type, s.cfg_renorm_min)
-
     def _generate_map(self, image: Image.Image, prompt: str, s: Settings, generator):
         """Upstream `depth_map_generation` / `segmentation_generation`: [image, prompt] -> image."""
         inf, timings = self.inferencer, {}
@@ -205,7 +196,7 @@ class CooperPipeline:
         cfg_img.add_text(prompt)
         timings["prefill"] = time.perf_counter() - start
         start = time.perf_counter()
-        latents = inf.generate_latents(ctx, resized.height, resized.width, self._image_settings(s), cfg_text,
+        latents = inf.generate_latents(ctx, resized.height, resized.width, s, cfg_text,
                                        cfg_img, generator)
         timings["denoise"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -249,7 +240,7 @@ class CooperPipeline:
         s = self.settings("ask", **overrides)
         text = TextSettings(s.max_new_tokens, s.do_sample, s.temperature, s.top_p)
         start = time.perf_counter()
-        result = self._run(s, lambda g: Reasoner(self.inferencer, self._image_settings(s), text, g,
+        result = self._run(s, lambda g: Reasoner(self.inferencer, s, text, g,
                                                  self._transforms(s)).run(image, question, mode, int(max_turns)))
         result.timings["total"] = time.perf_counter() - start
         return AskOutput(result.answer, extract_boxed(result.answer), result.turns, result.tools_used,
