@@ -428,11 +428,22 @@ class CooperNode(LifecycleNode):
     def _age_s(self, stamp) -> float:
         return (self.get_clock().now().nanoseconds - _stamp_ns(stamp)) / 1e9
 
+    def _log(self, level: str, text: str) -> None:
+        """Log at a severity chosen at run time (rclpy refuses to change the severity of one
+        call site between calls, so each severity has its own line here)."""
+        lg = self.get_logger()
+        if level == "error":
+            lg.error(text)
+        elif level == "warning":
+            lg.warning(text)
+        else:
+            lg.info(text)
+
     def _log_throttled(self, level: str, key: str, text: str, period: float = 2.0) -> None:
         now = time.monotonic()
         if now - self._log_times.get(key, -1e9) >= period:
             self._log_times[key] = now
-            getattr(self.get_logger(), level)(text)
+            self._log(level, text)
 
     # ------------------------------------------------------------------ perception
     def _wanted_outputs(self, s: Settings) -> dict[str, bool]:
@@ -474,24 +485,21 @@ class CooperNode(LifecycleNode):
                 with self._stats_lock:
                     self._s["frames_idle"] += 1
                 continue
-            # queries go first: wait while one is waiting for the model
-            while self._queries_waiting > 0 and not self._stop.is_set():
-                time.sleep(0.002)
-            with self._model_lock:
-                if self._stop.is_set() or self._pipe is None:
-                    return
+            last_start = time.monotonic()
+            try:
+                last_seq = self._process_newest(s, want)
+            except Exception as exc:  # noqa: BLE001 - never let the worker die
+                self._last_error = f"perception failed: {type(exc).__name__}: {exc}"
+                self.get_logger().error(self._last_error + "\n" + traceback.format_exc())
+                with self._stats_lock:
+                    self._s["model_errors"] += 1
                 with self._frame_cv:
-                    frame = self._frame
-                    newest_seq = self._recv_seq
-                last_seq = frame.seq
-                last_start = time.monotonic()
-                try:
-                    self._process_frame(frame, newest_seq, s, want)
-                except Exception as exc:  # noqa: BLE001 - never let the worker die
-                    self._last_error = f"perception failed: {type(exc).__name__}: {exc}"
-                    self.get_logger().error(self._last_error + "\n" + traceback.format_exc())
-                    with self._stats_lock:
-                        self._s["model_errors"] += 1
+                    last_seq = self._frame.seq if self._frame else last_seq
+
+    def _yield_to_queries(self) -> None:
+        """A query waiting for the model goes before the next perception step."""
+        while self._queries_waiting > 0 and not self._stop.is_set():
+            time.sleep(0.002)
 
     def _skip(self, frame: Frame, reason: str) -> None:
         with self._stats_lock:
@@ -500,111 +508,144 @@ class CooperNode(LifecycleNode):
         self._log_throttled("warning", "skip:" + reason[:60],
                             f"skipped camera frame #{frame.seq}: {reason}")
 
-    def _process_frame(self, frame: Frame, newest_seq: int, s: Settings, want: dict) -> None:
-        """Called with the model lock held; publishing happens after the model calls."""
-        msg = frame.msg
-        header = msg.header
-        t0 = time.perf_counter()
-        max_age = s["input.max_image_age_s"]
-        if max_age > 0 and _stamp_ns(header.stamp) > 0:
-            age = self._age_s(header.stamp)
-            if age > max_age:
-                self._skip(frame, f"frame is {age:.2f} s old (input.max_image_age_s={max_age})")
-                return
-        try:
-            rgb = self._decode(msg, frame.compressed, s["input.max_pixels"])
-        except ic.ImageConversionError as exc:
-            self._skip(frame, str(exc))
-            return
-        t_dec = time.perf_counter() - t0
+    def _model_failed(self, frame: Frame, exc: Exception) -> None:
         with self._stats_lock:
-            behind = newest_seq - frame.seq
-            self._s["frames_behind_max"] = max(self._s["frames_behind_max"], behind)
-        ov = s.generation_overrides()
+            self._s["model_errors"] += 1
+        kind = "out of memory" if _is_oom(exc) else "error"
+        self._last_error = f"model {kind} on frame #{frame.seq}: {type(exc).__name__}: {exc}"
+        self._log_throttled("error", "model:" + type(exc).__name__,
+                            self._last_error + " (frame skipped)")
+        self._release_memory()
+
+    def _process_newest(self, s: Settings, want: dict) -> int:
+        """Depth then segmentation of the newest frame; returns the frame's seq.
+
+        The frame is taken when the model is free (so it is the newest one when work starts);
+        depth outputs are published before segmentation runs, and a waiting query may use the
+        model between the two.
+        """
         from cooper_model.pipeline import CooperInputError
 
-        depth_out = seg_out = None
-        t_depth = t_seg = 0.0
-        try:
-            if want.get("depth") or want.get("depth_colored") or want.get("points"):
-                t1 = time.perf_counter()
-                depth_out = self._pipe.depth(rgb, **ov)
-                t_depth = time.perf_counter() - t1
-            if want.get("seg") or want.get("labels"):
-                t1 = time.perf_counter()
-                seg_out = self._pipe.segment(rgb, **ov)
-                t_seg = time.perf_counter() - t1
-        except CooperInputError as exc:
-            self._skip(frame, f"model refused the frame: {exc}")
-            return
-        except Exception as exc:  # noqa: BLE001
+        need_depth = bool(want.get("depth") or want.get("depth_colored") or want.get("points"))
+        need_seg = bool(want.get("seg") or want.get("labels"))
+        ov = s.generation_overrides()
+        self._yield_to_queries()
+        with self._model_lock:
+            if self._pipe is None:
+                return 0
+            with self._frame_cv:
+                frame = self._frame
+                newest_seq = self._recv_seq
+            header = frame.msg.header
+            t0 = time.perf_counter()
+            max_age = s["input.max_image_age_s"]
+            if max_age > 0 and _stamp_ns(header.stamp) > 0:
+                age = self._age_s(header.stamp)
+                if age > max_age:
+                    self._skip(frame, f"frame is {age:.2f} s old (input.max_image_age_s={max_age})")
+                    return frame.seq
+            try:
+                rgb = self._decode(frame.msg, frame.compressed, s["input.max_pixels"])
+            except ic.ImageConversionError as exc:
+                self._skip(frame, str(exc))
+                return frame.seq
+            t_dec = time.perf_counter() - t0
             with self._stats_lock:
-                self._s["model_errors"] += 1
-            kind = "out of memory" if _is_oom(exc) else "error"
-            self._last_error = f"model {kind} on frame #{frame.seq}: {type(exc).__name__}: {exc}"
-            self._log_throttled("error", "model:" + type(exc).__name__, self._last_error)
-            self._release_memory()
-            return
-        t_pub0 = time.perf_counter()
-        self._publish_outputs(header, rgb, depth_out, seg_out, s, want)
-        t_pub = time.perf_counter() - t_pub0
-        e2e = self._age_s(header.stamp) if _stamp_ns(header.stamp) > 0 else float("nan")
+                self._s["frames_behind_max"] = max(self._s["frames_behind_max"], newest_seq - frame.seq)
+            depth_out = None
+            if need_depth:
+                t1 = time.perf_counter()
+                try:
+                    depth_out = self._pipe.depth(rgb, **ov)
+                except CooperInputError as exc:
+                    self._skip(frame, f"model refused the frame: {exc}")
+                    return frame.seq
+                except Exception as exc:  # noqa: BLE001
+                    self._model_failed(frame, exc)
+                    return frame.seq
+                t_depth = time.perf_counter() - t1
+        t_pub = 0.0
+        if depth_out is not None:
+            t1 = time.perf_counter()
+            self._publish_depth(header, rgb, depth_out, s, want)
+            t_pub += time.perf_counter() - t1
+            e2e = self._age_s(header.stamp) if _stamp_ns(header.stamp) > 0 else float("nan")
+            with self._stats_lock:
+                self._t["model_depth"].add(t_depth)
+                if e2e == e2e:
+                    self._t["end_to_end"].add(e2e)
+        if need_seg:
+            self._yield_to_queries()
+            with self._model_lock:
+                if self._pipe is None:
+                    return frame.seq
+                t1 = time.perf_counter()
+                try:
+                    seg_out = self._pipe.segment(rgb, **ov)
+                except CooperInputError as exc:
+                    self._skip(frame, f"model refused the frame: {exc}")
+                    return frame.seq
+                except Exception as exc:  # noqa: BLE001
+                    self._model_failed(frame, exc)
+                    return frame.seq
+                t_seg = time.perf_counter() - t1
+            t1 = time.perf_counter()
+            self._publish_seg(header, seg_out, want)
+            t_pub += time.perf_counter() - t1
+            with self._stats_lock:
+                self._t["model_seg"].add(t_seg)
         with self._stats_lock:
             self._s["frames_processed"] += 1
             self._t["decode"].add(t_dec)
-            if depth_out is not None:
-                self._t["model_depth"].add(t_depth)
-            if seg_out is not None:
-                self._t["model_seg"].add(t_seg)
             self._t["publish"].add(t_pub)
             self._t["overhead"].add(t_dec + t_pub)
-            if e2e == e2e:
-                self._t["end_to_end"].add(e2e)
+        return frame.seq
 
-    def _publish_outputs(self, header, rgb, depth_out, seg_out, s: Settings, want: dict) -> None:
+    def _publish_depth(self, header, rgb, depth_out, s: Settings, want: dict) -> None:
         p = self._pubs
-        if depth_out is not None:
-            depth = np.asarray(depth_out.depth, dtype=np.float32)
-            lo, hi = s["depth.min_m"], s["depth.max_m"]
-            if lo > 0 or hi > 0:  # REP 118: -inf too close, +inf too far, NaN invalid
-                depth = depth.copy()
-                with np.errstate(invalid="ignore"):
-                    if lo > 0:
-                        depth[depth < lo] = -np.inf
-                    if hi > 0:
-                        depth[depth > hi] = np.inf
-            if want.get("depth"):
-                p["depth"].publish(ic.array_to_image(depth, "32FC1", header))
-                ci = self._camera_info
-                if ci is not None:
-                    out = CameraInfo()
-                    out.header = header
-                    out.height, out.width = ci.height, ci.width
-                    out.distortion_model, out.d = ci.distortion_model, ci.d
-                    out.k, out.r, out.p = ci.k, ci.r, ci.p
-                    out.binning_x, out.binning_y, out.roi = ci.binning_x, ci.binning_y, ci.roi
-                    p["depth_info"].publish(out)
-            if want.get("depth_colored"):
-                p["depth_colored"].publish(ic.array_to_image(depth_out.colored, "rgb8", header))
-            if want.get("points"):
-                ci = self._camera_info
-                if ci is None:
-                    self._log_throttled("warning", "points-noinfo",
-                                        "~/points needs camera_info; none received yet", 10.0)
-                else:
-                    try:
-                        k = self._scaled_k(ci, depth.shape)
-                        xyz, col = depth_to_points(depth, k, s["outputs.points_stride"],
-                                                   rgb if s["outputs.points_colored"] else None)
-                        p["points"].publish(make_pointcloud2(xyz, header, col))
-                    except ValueError as exc:
-                        self._log_throttled("warning", "points", f"~/points not published: {exc}", 10.0)
-        if seg_out is not None:
-            if want.get("seg"):
-                p["seg"].publish(ic.array_to_image(seg_out.color, "rgb8", header))
-            if want.get("labels"):
-                p["labels"].publish(ic.array_to_image(
-                    np.asarray(seg_out.labels, dtype=np.uint16), "16UC1", header))
+        depth = np.asarray(depth_out.depth, dtype=np.float32)
+        lo, hi = s["depth.min_m"], s["depth.max_m"]
+        if lo > 0 or hi > 0:  # REP 118: -inf too close, +inf too far, NaN invalid
+            depth = depth.copy()
+            with np.errstate(invalid="ignore"):
+                if lo > 0:
+                    depth[depth < lo] = -np.inf
+                if hi > 0:
+                    depth[depth > hi] = np.inf
+        if want.get("depth"):
+            p["depth"].publish(ic.array_to_image(depth, "32FC1", header))
+            ci = self._camera_info
+            if ci is not None:
+                out = CameraInfo()
+                out.header = header
+                out.height, out.width = ci.height, ci.width
+                out.distortion_model, out.d = ci.distortion_model, ci.d
+                out.k, out.r, out.p = ci.k, ci.r, ci.p
+                out.binning_x, out.binning_y, out.roi = ci.binning_x, ci.binning_y, ci.roi
+                p["depth_info"].publish(out)
+        if want.get("depth_colored"):
+            p["depth_colored"].publish(ic.array_to_image(depth_out.colored, "rgb8", header))
+        if want.get("points"):
+            ci = self._camera_info
+            if ci is None:
+                self._log_throttled("warning", "points-noinfo",
+                                    "~/points needs camera_info; none received yet", 10.0)
+            else:
+                try:
+                    k = self._scaled_k(ci, depth.shape)
+                    xyz, col = depth_to_points(depth, k, s["outputs.points_stride"],
+                                               rgb if s["outputs.points_colored"] else None)
+                    p["points"].publish(make_pointcloud2(xyz, header, col))
+                except ValueError as exc:
+                    self._log_throttled("warning", "points", f"~/points not published: {exc}", 10.0)
+
+    def _publish_seg(self, header, seg_out, want: dict) -> None:
+        p = self._pubs
+        if want.get("seg"):
+            p["seg"].publish(ic.array_to_image(seg_out.color, "rgb8", header))
+        if want.get("labels"):
+            p["labels"].publish(ic.array_to_image(
+                np.asarray(seg_out.labels, dtype=np.uint16), "16UC1", header))
 
     @staticmethod
     def _scaled_k(ci: CameraInfo, shape) -> np.ndarray:
@@ -624,7 +665,11 @@ class CooperNode(LifecycleNode):
 
     # ------------------------------------------------------------------ queries
     def _on_query(self, req, resp):
-        self._answer(req, resp)
+        try:
+            self._answer(req, resp)
+        except Exception as exc:  # noqa: BLE001 - last resort: a service callback must not raise
+            resp.success = False
+            resp.message = _clean(f"internal error: {type(exc).__name__}: {exc}")
         return resp
 
     def _on_action(self, goal_handle):
@@ -652,7 +697,7 @@ class CooperNode(LifecycleNode):
         resp.latency_s = float(time.monotonic() - t0)
         with self._stats_lock:
             self._s["queries_failed"] += 1
-        getattr(self.get_logger(), level)(f"spatial_query refused: {text}")
+        self._log(level, f"spatial_query refused: {text}")
         return resp
 
     def _answer(self, req, resp):
@@ -820,10 +865,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[cooper] configure failed: {node._last_error}", file=sys.stderr, flush=True)
                 return 3
             node.trigger_activate()
-        try:
-            executor.spin()
-        except (KeyboardInterrupt, ExternalShutdownException):
-            pass
+        while rclpy.ok():
+            try:
+                executor.spin_once(timeout_sec=0.5)
+            except (KeyboardInterrupt, ExternalShutdownException):
+                break
+            except Exception:  # noqa: BLE001 - a failing callback must not take the node down
+                if not rclpy.ok():
+                    break
+                try:
+                    node.get_logger().error("callback failed (node keeps running):\n"
+                                            + traceback.format_exc())
+                except Exception:  # pragma: no cover
+                    pass
     finally:
         if node is not None:
             try:
