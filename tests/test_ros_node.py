@@ -19,28 +19,17 @@ pytest.importorskip("rclpy", reason="ROS 2 not installed (run scripts/setup.sh)"
 pytest.importorskip("cooper_interfaces.srv", reason="cooper_interfaces not built (run scripts/setup.sh)")
 
 from builtin_interfaces.msg import Time  # noqa: E402
-from rcl_interfaces.msg import Parameter as ParamMsg, ParameterType, ParameterValue  # noqa: E402
-from rcl_interfaces.srv import SetParameters  # noqa: E402
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 
 from cooper_interfaces.srv import SpatialQuery  # noqa: E402
 from cooper_ros import image_codec as ic  # noqa: E402
-from cooper_ros.testing import NodeProcess, RosClient, make_image, pattern_frame  # noqa: E402
+from cooper_ros.testing import (FAST, NodeProcess, RosClient, assert_good_request,  # noqa: E402
+                                camera_info, make_image,
+                                now_stamp, pattern_frame, request, set_param, small_image, stamp,
+                                wait_for)
 
-# fast settings for CPU tests (the pipeline's code paths are the same at any step count)
-FAST = {"generation.num_steps": 2, "query.max_new_tokens": 8, "query.max_turns": 2}
 SRV = "/spatial_query"
-
-
-def wait_for(pred, timeout=60.0, period=0.05):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(period)
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -60,66 +49,6 @@ def client(node):
         f"/spatial_query never appeared\n{node.log_text()[-3000:]}"
     yield c
     c.close()
-
-
-def stamp(sec, nsec=0):
-    return Time(sec=int(sec), nanosec=int(nsec))
-
-
-def now_stamp(client, offset_s=0.0):
-    t = client.now().nanoseconds + int(offset_s * 1e9)
-    return stamp(t // 10**9, t % 10**9)
-
-
-def request(question="How far is the chair from the table?", image=None, mode="direct", max_turns=0):
-    r = SpatialQuery.Request()
-    r.question = question
-    if image is not None:
-        r.image = image
-    r.mode = mode
-    r.max_turns = max_turns
-    return r
-
-
-def small_image(h=96, w=128, frame_id="req_cam", st=None):
-    return make_image(pattern_frame(h, w), "rgb8", stamp=st or stamp(1234, 5678), frame_id=frame_id)
-
-
-def assert_good_request(client, node):
-    """The node is alive and answers a good request."""
-    assert node.alive(), node.log_text()[-3000:]
-    r = client.call(SpatialQuery, SRV, request(image=small_image()), timeout=120)
-    assert r.success, r.message
-    return r
-
-
-def set_param(client, name, value):
-    cli = client.client(SetParameters, "/cooper/set_parameters")
-    assert cli.wait_for_service(timeout_sec=30)
-    v = ParameterValue()
-    if isinstance(value, bool):
-        v.type, v.bool_value = ParameterType.PARAMETER_BOOL, value
-    elif isinstance(value, int):
-        v.type, v.integer_value = ParameterType.PARAMETER_INTEGER, value
-    elif isinstance(value, float):
-        v.type, v.double_value = ParameterType.PARAMETER_DOUBLE, value
-    else:
-        v.type, v.string_value = ParameterType.PARAMETER_STRING, value
-    req = SetParameters.Request(parameters=[ParamMsg(name=name, value=v)])
-    return client.call(SetParameters, "/cooper/set_parameters", req, timeout=30).results[0]
-
-
-def camera_info(w, h, frame_id):
-    ci = CameraInfo()
-    ci.header.frame_id = frame_id
-    ci.width, ci.height = w, h
-    f = 0.8 * w
-    ci.k = [f, 0.0, w / 2, 0.0, f, h / 2, 0.0, 0.0, 1.0]
-    ci.p = [f, 0.0, w / 2, 0.0, 0.0, f, h / 2, 0.0, 0.0, 0.0, 1.0, 0.0]
-    ci.r = [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]
-    ci.distortion_model = "plumb_bob"
-    ci.d = [0.0] * 5
-    return ci
 
 
 # ---------------------------------------------------------------------------- topics
