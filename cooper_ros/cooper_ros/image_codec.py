@@ -141,7 +141,8 @@ def check_image_header(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Encodi
 def image_to_array(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Image message -> numpy array in the message's own dtype (native byte order).
 
-    Returns H x W for one channel, else H x W x C. The result never aliases ``msg.data``.
+    Returns H x W for one channel, else H x W x C. Without row padding and in native byte
+    order the result is a zero-copy view of ``msg.data`` (treat it as read-only).
     """
     info = check_image_header(msg, max_pixels)
     h, w, step = int(msg.height), int(msg.width), int(msg.step)
