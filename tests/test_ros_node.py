@@ -302,3 +302,46 @@ def test_bad_frame_is_logged_and_skipped_and_node_keeps_working(node, client, ca
     assert wait_for(good_out, timeout=90, period=0.4), f"{case}: no output after the bad frame"
     client.unsubscribe(depth)
     assert node.alive()
+
+
+# ---------------------------------------------------------------------------- action
+def test_action_streams_reasoning_turns_as_feedback(node, client):
+    import threading
+
+    from rclpy.action import ActionClient
+
+    from cooper_interfaces.action import SpatialQuery as SpatialQueryAction
+
+    ac = ActionClient(client.node, SpatialQueryAction, "/spatial_query_stream")
+    try:
+        assert ac.wait_for_server(timeout_sec=60)
+        feedback = []
+        goal = SpatialQueryAction.Goal(question="How far is the chair?", image=small_image(), mode="text")
+        done = threading.Event()
+        holder = {}
+
+        def on_result(fut):
+            holder["result"] = fut.result().result
+            done.set()
+
+        def on_goal(fut):
+            gh = fut.result()
+            assert gh.accepted
+            gh.get_result_async().add_done_callback(on_result)
+
+        ac.send_goal_async(goal, feedback_callback=lambda m: feedback.append(m.feedback)).add_done_callback(on_goal)
+        assert done.wait(120), "no action result"
+        res = holder["result"]
+        assert res.success, res.message
+        assert res.image_frame_id == "req_cam"
+        assert wait_for(lambda: any(f.stage == "turn" for f in feedback), timeout=10)
+        stages = [f.stage for f in feedback]
+        assert stages[0] == "running"
+        assert [f.turn_text for f in feedback if f.stage == "turn"] == list(res.reasoning_turns)
+        bad = SpatialQueryAction.Goal(question="", image=small_image())
+        done.clear()
+        ac.send_goal_async(bad).add_done_callback(on_goal)
+        assert done.wait(60)
+        assert not holder["result"].success and "question is empty" in holder["result"].message
+    finally:
+        ac.destroy()
