@@ -58,8 +58,7 @@ def _node(context, *args, **kwargs):
         output="screen",
         emulate_tty=True,
         parameters=params,
-        remappings=[("image", image), ("camera_info", info),
-                    ("image/compressed", f"{image}/compressed")],
+        remappings=[("image", image), ("camera_info", info)],
     ))
     return actions
 

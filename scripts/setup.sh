@@ -61,7 +61,8 @@ if ! stamp_ok reqs "$H"; then
   log "pip install -r ${REQS[*]}"
   args=()
   for r in "${REQS[@]}"; do args+=(-r "$r"); done
-  "$PYV" -m pip install -q "${args[@]}"
+  # (the machine's extra local indexes make pip warn about every missing name: hide those lines)
+  "$PYV" -m pip install -q "${args[@]}" 2>&1 | { grep -v '^WARNING: Location .* is ignored' || true; } >&2
   stamp_set reqs "$H"
 else
   log "dependencies up to date"

@@ -174,6 +174,7 @@ class CooperNode(LifecycleNode):
                                         "overhead", "end_to_end", "query")}
         self._last_skip = ""
         self._last_error = ""
+        self._last_error_time = -1e9
         self._log_times: dict[str, float] = {}
 
         self._cb_sensor = MutuallyExclusiveCallbackGroup()
@@ -260,6 +261,9 @@ class CooperNode(LifecycleNode):
         if why:
             self.get_logger().warning(f"refused parameter change: {why}")
             return SetParametersResult(successful=False, reason=why)
+        for p in params:
+            if p.name == "diagnostics.period_s" and getattr(self, "_diag_timer", None) is not None:
+                self._diag_timer.timer_period_ns = int(float(p.value) * 1e9)
         return SetParametersResult(successful=True)
 
     # ------------------------------------------------------------------ lifecycle
@@ -513,6 +517,7 @@ class CooperNode(LifecycleNode):
             self._s["model_errors"] += 1
         kind = "out of memory" if _is_oom(exc) else "error"
         self._last_error = f"model {kind} on frame #{frame.seq}: {type(exc).__name__}: {exc}"
+        self._last_error_time = time.monotonic()
         self._log_throttled("error", "model:" + type(exc).__name__,
                             self._last_error + " (frame skipped)")
         self._release_memory()
@@ -776,6 +781,7 @@ class CooperNode(LifecycleNode):
                 self._release_memory()
                 what = "model ran out of memory" if _is_oom(exc) else "model error"
                 self._last_error = f"{what} during query: {type(exc).__name__}: {exc}"
+                self._last_error_time = time.monotonic()
                 return self._fail(resp, t0, f"{what} during inference: {type(exc).__name__}: "
                                             f"{exc}", "error")
         finally:
@@ -830,13 +836,12 @@ class CooperNode(LifecycleNode):
                 st.level, st.message = DiagnosticStatus.ERROR, self._last_error
         elif not self._active:
             st.level, st.message = DiagnosticStatus.WARN, "inactive"
-        elif self._last_error and self._t["decode"].n == 0:
-            st.level, st.message = DiagnosticStatus.ERROR, self._last_error
+        elif self._last_error and time.monotonic() - self._last_error_time < 10.0:
+            st.level, st.message = DiagnosticStatus.WARN, self._last_error
         elif not self._pipe_info.get("trained"):
             st.level, st.message = DiagnosticStatus.WARN, "running on UNTRAINED weights"
         else:
             st.level, st.message = DiagnosticStatus.OK, "running"
-        st.level = bytes([st.level]) if isinstance(st.level, int) else st.level
         st.values = [KeyValue(key=k, value=x) for k, x in vals.items()]
         arr.status = [st]
         self._diag_pub.publish(arr)
