@@ -92,8 +92,10 @@ def test_rate_limit(node, client):
     times = [t for t, m in depth if m.header.frame_id == "rate"]
     client.unsubscribe(depth)
     assert len(times) >= 2
-    gaps = [(b - a) / 1e9 for a, b in zip(times, times[1:])]
-    assert min(gaps) > 0.15, gaps   # 1/5 Hz = 0.2 s between starts (jitter allowed)
+    # 120 frames offered in 4 s; at most 5 Hz processed (+1 for the window edges)
+    assert len(times) <= 4.0 * 5 + 1, len(times)
+    mean_gap = (times[-1] - times[0]) / 1e9 / (len(times) - 1)
+    assert mean_gap >= 0.18, mean_gap   # 1/5 Hz = 0.2 s between starts, delivery jitter allowed
 
 
 def test_set_parameters_refused_with_reason(node, client):
