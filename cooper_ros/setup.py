@@ -23,6 +23,9 @@ setup(
         ("share/" + PACKAGE + "/launch", [rel("..", "launch", "cooper.launch.py")]),
         ("share/" + PACKAGE + "/config", sorted(rel("config", os.path.basename(p))
                                                 for p in glob(os.path.join(HERE, "config", "*")))),
+        ("share/" + PACKAGE + "/data/demo_sequence",
+         sorted(rel("data", "demo_sequence", os.path.basename(p))
+                for p in glob(os.path.join(HERE, "data", "demo_sequence", "*")))),
     ],
     install_requires=["setuptools"],
     zip_safe=True,

@@ -23,7 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-SEQUENCE = Path(__file__).resolve().parents[1] / "data" / "demo_sequence"
+def _sequence_dir() -> str:
+    from .node import package_file
+
+    p = package_file("data", "demo_sequence")
+    return str(p) if p else "cooper_ros/data/demo_sequence"
+
+
+SEQUENCE = _sequence_dir()
 
 QUESTIONS = [
     # (question, mode, use the request image?)  mode "" = adaptive COOPER reasoning
@@ -60,7 +67,7 @@ def save_png(path: Path, arr: np.ndarray) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out/demo")
-    ap.add_argument("--sequence", default=str(SEQUENCE), help="folder of frame_*.jpg + camera_info.json")
+    ap.add_argument("--sequence", default=SEQUENCE, help="folder of frame_*.jpg + camera_info.json")
     ap.add_argument("--checkpoint", default="", help="checkpoint dir (default: the bundled small one)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rate", type=float, default=2.0, help="camera frame rate (Hz) of the playback")

@@ -32,21 +32,26 @@ from .params import (MODE_ALIASES, MODES, PARAMS, RECONFIGURE_ONLY, SPEC_BY_NAME
                      check_consistency, check_value)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-FASTDDS_PROFILE = PACKAGE_DIR / "config" / "fastdds_shm.xml"
+
+
+def package_file(*rel: str) -> Path | None:
+    """A file shipped with cooper_ros (config/, data/): in the source tree (editable / pip
+    install from the repo) or in share/cooper_ros (colcon install)."""
+    cands = [PACKAGE_DIR.parent.joinpath(*rel), PACKAGE_DIR.joinpath(*rel)]
+    try:
+        from ament_index_python.packages import get_package_share_directory
+        cands.append(Path(get_package_share_directory("cooper_ros")).joinpath(*rel))
+    except Exception:
+        pass
+    for c in cands:
+        if c.exists():
+            return c
+    return None
 
 
 def default_fastdds_profile() -> Path | None:
     """The bundled Fast DDS profile (large shared-memory segment), wherever it is installed."""
-    cands = [FASTDDS_PROFILE, PACKAGE_DIR.parent / "config" / "fastdds_shm.xml"]
-    try:  # installed through colcon: share/cooper_ros/config
-        from ament_index_python.packages import get_package_share_directory
-        cands.append(Path(get_package_share_directory("cooper_ros")) / "config" / "fastdds_shm.xml")
-    except Exception:
-        pass
-    for c in cands:
-        if c.is_file():
-            return c
-    return None
+    return package_file("config", "fastdds_shm.xml")
 
 
 def apply_default_environment() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .node import apply_default_environment, default_fastdds_profile
+from .node import apply_default_environment, default_fastdds_profile, package_file
 
 __all__ = ["ros_test_environment", "NodeProcess", "RosClient", "make_image", "pattern_frame",
            "FAST", "wait_for", "stamp", "now_stamp", "request", "small_image", "set_param",
@@ -83,7 +83,7 @@ class NodeProcess:
                  remaps: dict[str, str] | None = None, name: str = "cooper",
                  log_path: str | Path | None = None, extra_env: dict[str, str] | None = None):
         self.params = dict(params or {})
-        self.params_file = params_file or str(Path(__file__).resolve().parents[1] / "config" / "cooper.yaml")
+        self.params_file = params_file or str(package_file("config", "cooper.yaml") or "")
         self.remaps = dict(remaps or {})
         self.name = name
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="cooper_node_", suffix=".log")[1])
