@@ -345,3 +345,30 @@ def test_action_streams_reasoning_turns_as_feedback(node, client):
         assert not holder["result"].success and "question is empty" in holder["result"].message
     finally:
         ac.destroy()
+
+
+def test_model_error_inside_inference_on_a_camera_frame(node, client):
+    depth = client.collect(Image, "/cooper/depth/image")
+    pub = client.publisher(Image, "/image")
+    assert client.wait_for_subscribers(pub, 1, 60)
+    before = int(client.diagnostics()["model_errors"])
+    assert set_param(client, "generation.vae_resolution", 4096).successful
+    try:
+        frame = make_image(pattern_frame(480, 640), "rgb8", frame_id="model_error_cam")
+
+        def failed():
+            frame.header.stamp = now_stamp(client)
+            pub.publish(frame)
+            return int(client.diagnostics()["model_errors"]) > before
+        assert wait_for(failed, timeout=90, period=0.3), node.log_text()[-3000:]
+        assert not any(m.header.frame_id == "model_error_cam" for _t, m in depth)
+    finally:
+        assert set_param(client, "generation.vae_resolution", 0).successful
+    assert wait_for(lambda: "IndexError" in node.log_text() and "(frame skipped)" in node.log_text(), timeout=10)
+
+    def recovered():
+        pub.publish(make_image(pattern_frame(48, 64), "rgb8", stamp=now_stamp(client), frame_id="after_model_error"))
+        return any(m.header.frame_id == "after_model_error" for _t, m in depth)
+    assert wait_for(recovered, timeout=90, period=0.4)
+    client.unsubscribe(depth)
+    assert node.alive()
