@@ -227,7 +227,11 @@ class CooperPipeline:
         timings["total"] = time.perf_counter() - start
         return SegmentationOutput(self.segmentation_codec.encode(labels), labels, raw, timings)
 
-    def ask(self, rgb, question: str, mode: str = "interleave", max_turns: int = 3, **overrides) -> AskOutput:
+    def ask(self, rgb, question: str, mode: str = "interleave", max_turns: int = 3, on_event=None,
+            **overrides) -> AskOutput:
+        """Answer a question about an image. `on_event(kind, value)`, if given, is called as the
+        reasoning goes: ("turn", text) after each generated turn, ("tool", "depth"|"segmentation")
+        after each generated map; clients that stream progress use it."""
         image = self._check_image(rgb)
         if not isinstance(question, str) or not question.strip():
             raise CooperInputError("question is empty")
@@ -241,7 +245,8 @@ class CooperPipeline:
         text = TextSettings(s.max_new_tokens, s.do_sample, s.temperature, s.top_p)
         start = time.perf_counter()
         result = self._run(s, lambda g: Reasoner(self.inferencer, s, text, g,
-                                                 self._transforms(s)).run(image, question, mode, int(max_turns)))
+                                                 self._transforms(s), on_event).run(image, question, mode,
+                                                                                    int(max_turns)))
         result.timings["total"] = time.perf_counter() - start
         return AskOutput(result.answer, extract_boxed(result.answer), result.turns, result.tools_used,
                          result.images, mode, result.timings)

@@ -62,8 +62,9 @@ def extract_boxed(text: str) -> str | None:
 
 class Reasoner:
     def __init__(self, inferencer: Inferencer, image_settings: ImageGenerationSettings, text_settings: TextSettings,
-                 generator: torch.Generator | None = None, transforms=(None, None)):
+                 generator: torch.Generator | None = None, transforms=(None, None), on_event=None):
         self.inf = inferencer
+        self.on_event = on_event or (lambda kind, value: None)
         self.transforms = transforms
         self.image_settings = image_settings
         self.text_settings = text_settings
@@ -81,6 +82,10 @@ class Reasoner:
         return self._timed("text_generation", self.inf.generate_text, ctx, s.max_new_tokens, s.do_sample,
                            s.temperature, s.top_p, self.generator)
 
+    def _turn(self, text: str) -> None:
+        self.result.turns.append(text)
+        self.on_event("turn", text)
+
     def _gen_map(self, kind: str, ctx: Context, cfg_text: Context, cfg_img: Context, size) -> np.ndarray:
         """Generate a depth or segmentation map; returns what is shown to the model (uint8 RGB)."""
         h, w = size
@@ -90,6 +95,7 @@ class Reasoner:
         shown = colorize_depth(decode_depth01(image).cpu().numpy()) if kind == "depth" else ip.to_uint8(image)
         self.result.tools_used.append(kind)
         self.result.images.append((kind, shown))
+        self.on_event("tool", kind)
         return shown
 
     def _feed_back(self, shown: np.ndarray, *contexts: Context) -> None:
@@ -121,7 +127,7 @@ class Reasoner:
         ctx, cfg_text, cfg_img = self._prefix(prompts.INTERLEAVE_REASON_SYSTEM_PROMPT, image, question, vae=True)
         for turn in range(1, max_turns + 1):
             text = self._gen_text(ctx)
-            self.result.turns.append(text)
+            self._turn(text)
             if re.search(prompts.ANSWER_PATTERN, text, re.DOTALL) or turn >= max_turns:
                 break
             depth = re.search(prompts.DEPTH_PATTERN, text, re.DOTALL)
@@ -152,13 +158,13 @@ class Reasoner:
             self._feed_back(shown, ctx, cfg_img)
         self._timed("prefill", ctx.add_text, "<answer>")
         text = "<answer>" + self._gen_text(ctx)
-        self.result.turns.append(text)
+        self._turn(text)
         self.result.answer = text.strip()
 
     def _text(self, image, question, size, max_turns, system_prompt=prompts.VLM_THINK_SYSTEM_PROMPT):
         ctx, _, _ = self._prefix(system_prompt, image, question, vae=False, guidance=False)
         text = self._gen_text(ctx)
-        self.result.turns.append(text)
+        self._turn(text)
         self.result.answer = text.split("</think>")[-1].strip()
 
     def _direct(self, image, question, size, max_turns):

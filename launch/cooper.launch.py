@@ -74,7 +74,7 @@ def generate_launch_description():
                               description="checkpoint directory (empty: params_file / bundled)"),
         DeclareLaunchArgument("device", default_value="", description="cpu, cuda, cuda:N, auto"),
         DeclareLaunchArgument("dtype", default_value="", description="float32, bfloat16, float16"),
-        DeclareLaunchArgument("backend", default_value="", description="eager, compile, onnxruntime, tensorrt"),
+        DeclareLaunchArgument("backend", default_value="", description="eager or compile (empty: the params file)"),
         DeclareLaunchArgument("node_name", default_value="cooper"),
         DeclareLaunchArgument("namespace", default_value=""),
         DeclareLaunchArgument("rviz", default_value="false", description="start RViz"),

@@ -54,8 +54,12 @@ def test_segmentation_labels_are_palette_ids(pipe, rgb):
 
 @pytest.mark.parametrize("mode", ["interleave", "text", "perception", "direct"])
 def test_ask_every_mode(pipe, rgb, mode):
-    out = pipe.ask(rgb, "How far is the chair from the table?", mode=mode, **FAST)
+    events = []
+    out = pipe.ask(rgb, "How far is the chair from the table?", mode=mode, on_event=lambda *e: events.append(e), **FAST)
     assert out.mode == mode and isinstance(out.answer, str) and len(out.turns) >= 1
+    # progress is reported live, in order: every turn and every generated map
+    assert [v for k, v in events if k == "turn"] == out.turns
+    assert [v for k, v in events if k == "tool"] == out.tools_used
     if mode == "perception":
         assert out.tools_used == ["depth", "segmentation"]
         assert [kind for kind, _ in out.images] == ["depth", "segmentation"]

@@ -689,12 +689,19 @@ class CooperNode(LifecycleNode):
         fb.stage = "running"
         goal_handle.publish_feedback(fb)
         result = SpatialQueryAction.Result()
-        self._answer(req, result)
-        for i, turn in enumerate(result.reasoning_turns):
+        turns = []
+
+        def on_event(kind, value):  # called by the model as each turn / map is produced
             fb = SpatialQueryAction.Feedback()
-            fb.stage, fb.turn_index, fb.turn_text = "turn", i, turn
-            fb.elapsed_s = float(time.monotonic() - t0)
+            fb.stage, fb.elapsed_s = kind, float(time.monotonic() - t0)
+            if kind == "turn":
+                fb.turn_index, fb.turn_text = len(turns), _clean(value)
+                turns.append(value)
+            else:
+                fb.turn_index, fb.tool = max(len(turns) - 1, 0), _clean(value)
             goal_handle.publish_feedback(fb)
+
+        self._answer(req, result, on_event)
         if result.success:
             goal_handle.succeed()
         else:
@@ -710,15 +717,15 @@ class CooperNode(LifecycleNode):
         self._log(level, f"spatial_query refused: {text}")
         return resp
 
-    def _answer(self, req, resp):
+    def _answer(self, req, resp, on_event=None):
         t0 = time.monotonic()
         try:
-            return self._answer_inner(req, resp, t0)
+            return self._answer_inner(req, resp, t0, on_event)
         except Exception as exc:  # noqa: BLE001 - the service must always answer
             self.get_logger().error(traceback.format_exc())
             return self._fail(resp, t0, f"internal error: {type(exc).__name__}: {exc}", "error")
 
-    def _answer_inner(self, req, resp, t0: float):
+    def _answer_inner(self, req, resp, t0: float, on_event=None):
         s = self._settings()
         if not self._active or self._pipe is None:
             return self._fail(resp, t0, f"node is not active (lifecycle state: {self._state_label})")
@@ -777,7 +784,7 @@ class CooperNode(LifecycleNode):
             if self._pipe is None:
                 return self._fail(resp, t0, "model was unloaded")
             try:
-                out = self._pipe.ask(rgb, question, mode=mode, max_turns=max_turns, **ov)
+                out = self._pipe.ask(rgb, question, mode=mode, max_turns=max_turns, on_event=on_event, **ov)
             except CooperInputError as exc:
                 return self._fail(resp, t0, f"the model refused the input: {exc}")
             except Exception as exc:  # noqa: BLE001

@@ -61,9 +61,9 @@ PARAMS: list[ParamSpec] = [
     ParamSpec("model.dtype", "float32", "Compute dtype of the model.",
               choices=("float32", "bfloat16", "float16")),
     ParamSpec("model.backend", "eager",
-              "Acceleration backend of the denoising path (eager; others as cooper_model "
-              "provides them: compile, onnxruntime, tensorrt).",
-              choices=("eager", "compile", "onnxruntime", "tensorrt")),
+              "Execution backend of the model: eager PyTorch, or compile (torch.compile of the "
+              "decoder layers; slow first call, then faster on GPUs).",
+              choices=("eager", "compile")),
     # --- perception stream ---
     ParamSpec("perception.enabled", True, "Run depth/segmentation on incoming camera frames."),
     ParamSpec("perception.rate_hz", 0.0,
