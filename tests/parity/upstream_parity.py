@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CHECKPOINT = ROOT.parent / "shared" / "reference" / "bagel-tiny-ckpt"
+DEFAULT_CHECKPOINT = ROOT / "tests" / "fixtures" / "reference" / "bagel-tiny-ckpt"
 TOL = 1e-4
 SEED = 1234
 
