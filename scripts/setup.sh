@@ -53,7 +53,13 @@ export VIRTUAL_ENV="$VENV"
 export PATH="$VENV/bin:$PATH"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# --- 2. pinned dependencies
+# --- 2. pinned dependencies, with a pip recent enough for PEP 660 editable installs of the
+# ament_python package (an old pip falls back to `setup.py develop`, which its setup.cfg breaks)
+PIP_PIN="pip==26.3"
+if ! "$PYV" -m pip --version 2>/dev/null | grep -q "^pip ${PIP_PIN#pip==} "; then
+  log "pip install $PIP_PIN"
+  "$PYV" -m pip install -q "$PIP_PIN" 2>&1 | { grep -v '^WARNING: Location .* is ignored' || true; } >&2
+fi
 REQS=(requirements.txt)
 [ "$SYSTEM_ROS" = 0 ] && REQS+=(requirements-ros.txt)
 H=$(hash_of "${REQS[@]}"; echo "$SYSTEM_ROS")
