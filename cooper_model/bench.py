@@ -64,8 +64,9 @@ def run(pipe: CooperPipeline, size: int, repeat: int, steps: int, text_tokens: i
     device = inf.device
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    size = min(size, cfg.max_latent_size * cfg.latent_downsample)  # what the checkpoint's tables cover
     vae_t = ip.ImageTransformConfig(size, min(size, cfg.vae_transform.min_size), cfg.vae_transform.stride)
-    vit_size = min(size, cfg.vit.image_size)
+    vit_size = min(size, cfg.vit_max_num_patch_per_side * cfg.vit.patch_size)
     vit_t = ip.ImageTransformConfig(vit_size, min(vit_size, cfg.vit_transform.min_size), cfg.vit_transform.stride)
     image = ip.resize(ip.as_pil_rgb(rgb), vae_t)
     h, w = image.height, image.width
@@ -115,7 +116,8 @@ def main(argv=None):
     parser.add_argument("--random-weights", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--size", type=int, default=256, help="square input image side (pixels)")
+    parser.add_argument("--size", type=int, default=256,
+                        help="square input image side (pixels), capped to what the checkpoint covers")
     parser.add_argument("--steps", type=int, default=10, help="denoising steps for the whole depth map")
     parser.add_argument("--text-tokens", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=5)

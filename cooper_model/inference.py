@@ -115,6 +115,20 @@ class Inferencer:
     def device(self) -> torch.device:
         return self.model.device
 
+    def _positions(self, height: int, width: int, patch: int, max_side: int, what: str) -> torch.Tensor:
+        """Table rows of an image's patches; an image beyond the checkpoint's tables is an error
+        (upstream would index out of bounds)."""
+        rows, cols = height // patch, width // patch
+        if rows > max_side or cols > max_side:
+            raise ValueError(f"{what} of {width}x{height} px needs {cols}x{rows} patches, but this checkpoint's "
+                             f"position table covers {max_side}x{max_side} ({max_side * patch} px a side): "
+                             f"use a smaller resolution")
+        return flattened_position_ids(height, width, patch, max_side).to(self.device)
+
+    def _latent_positions(self, height: int, width: int) -> torch.Tensor:
+        return self._positions(height, width, self.config.latent_downsample, self.config.max_latent_size,
+                               "a generated or VAE image")
+
     def new_context(self, vae_transform: ImageTransformConfig | None = None,
                     vit_transform: ImageTransformConfig | None = None) -> Context:
         """An empty context; images added to it are resized with these transforms (default: the
@@ -171,7 +185,7 @@ class Inferencer:
     def add_vit_image(self, ctx: Context, pixels: torch.Tensor) -> None:
         p = self.config.vit.patch_size
         _, h, w = pixels.shape
-        pos = flattened_position_ids(h, w, p, self.config.vit_max_num_patch_per_side).to(self.device)
+        pos = self._positions(h, w, p, self.config.vit_max_num_patch_per_side, "a ViT image")
         patches = patchify(pixels.to(self.device), p)
         tokens = self._image_tokens(self.model.embed_vit_patches(patches, pos, [patches.shape[0]]))
         n = tokens.shape[0]
@@ -185,8 +199,7 @@ class Inferencer:
         c, hh, ww = latent.shape
         rows, cols = hh // p, ww // p
         latent = latent[:, : rows * p, : cols * p]
-        pos = flattened_position_ids(rows * p * self.config.vae.downsample, cols * p * self.config.vae.downsample,
-                                     self.config.latent_downsample, self.config.max_latent_size).to(self.device)
+        pos = self._latent_positions(rows * p * self.config.vae.downsample, cols * p * self.config.vae.downsample)
         t0 = torch.zeros(1, device=self.device)
         tokens = self._image_tokens(self.model.embed_latents(patchify(latent, p), t0, pos))
         n = tokens.shape[0]
@@ -247,7 +260,7 @@ class Inferencer:
     def velocity(self, ctx: Context, x_t: torch.Tensor, t: float, height: int, width: int) -> torch.Tensor:
         """One prediction of v = eps - x0 for latent tokens x_t at time t, the context read-only."""
         rows, cols = self.latent_grid(height, width)
-        pos = flattened_position_ids(height, width, self.config.latent_downsample, self.config.max_latent_size)
+        pos = self._latent_positions(height, width)
         t_tensor = torch.tensor([float(t)], device=self.device)
         tokens = self._image_tokens(self.model.embed_latents(x_t.to(self.device), t_tensor, pos.to(self.device)))
         n = tokens.shape[0]

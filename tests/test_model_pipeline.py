@@ -93,6 +93,12 @@ def test_bad_questions_modes_and_settings_are_refused(pipe, rgb):
         pipe.depth(rgb, num_steps=1)
 
 
+def test_resolution_beyond_the_position_tables_is_a_clear_error(pipe, rgb):
+    # cooper-small's latent table covers 16x16 patches (256 px); upstream would index out of bounds
+    with pytest.raises(ValueError, match="position table covers 16x16"):
+        pipe.depth(np.zeros((480, 640, 3), np.uint8), vae_resolution=4096, **FAST)
+
+
 def test_huge_image_is_refused_before_work(pipe):
     big = np.zeros((8000, 8000, 3), np.uint8)
     with pytest.raises(CooperInputError, match="exceeds"):

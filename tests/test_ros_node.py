@@ -7,8 +7,8 @@ node is still up and answers the next good request. Real pipeline, bundled small
 
 Model error inside inference: `generation.vae_resolution=4096` is a valid parameter value, but
 the bundled checkpoint's latent position table only covers 16x16 latent patches (256 px), so
-for a 640x480 image the pipeline raises an IndexError deep inside the denoiser (the real 7B checkpoint fails the
-same way past 1024 px). The test sets it at run time with set_parameters, then resets it.
+for a 640x480 image the model raises a ValueError inside inference when it embeds the latents
+(upstream would fail with an IndexError there; the real 7B checkpoint past 1024 px). The test sets it at run time with set_parameters, then resets it.
 """
 import time
 
