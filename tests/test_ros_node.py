@@ -364,7 +364,7 @@ def test_model_error_inside_inference_on_a_camera_frame(node, client):
         assert not any(m.header.frame_id == "model_error_cam" for _t, m in depth)
     finally:
         assert set_param(client, "generation.vae_resolution", 0).successful
-    assert wait_for(lambda: "IndexError" in node.log_text() and "(frame skipped)" in node.log_text(), timeout=10)
+    assert wait_for(lambda: "position table covers" in node.log_text() and "(frame skipped)" in node.log_text(), timeout=10)
 
     def recovered():
         pub.publish(make_image(pattern_frame(48, 64), "rgb8", stamp=now_stamp(client), frame_id="after_model_error"))
