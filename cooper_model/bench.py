@@ -24,7 +24,7 @@ from . import image_processor as ip
 from .autoencoder import FluxAutoencoder
 from .checkpoint import _dtype
 from .config import preset
-from .inference import ImageGenerationSettings, Inferencer
+from .inference import Inferencer
 from .modeling import CooperModel
 from .pipeline import BUNDLED_CHECKPOINT, CooperPipeline
 from .tokenizer import byte_level_tokenizer

@@ -197,5 +197,3 @@ def preset(name: str) -> CooperConfig:
         )
     raise ValueError(f"unknown preset {name!r}; known: bagel-7b, bagel-tiny, cooper-small")
 
-
-PRESETS = ("bagel-7b", "bagel-tiny", "cooper-small")

@@ -17,10 +17,9 @@ Sequence layout (upstream `prepare_prompts` / `prepare_vit_images` / `prepare_va
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from . import image_processor as ip
@@ -90,14 +89,6 @@ class ImageGenerationSettings:
     cfg_interval: tuple[float, float] = (0.4, 1.0)
     cfg_renorm_type: str = "global"
     cfg_renorm_min: float = 0.0
-
-
-@dataclass
-class Timings:
-    values: dict = field(default_factory=dict)
-
-    def add(self, name: str, seconds: float) -> None:
-        self.values[name] = self.values.get(name, 0.0) + seconds
 
 
 class Inferencer:
@@ -218,7 +209,7 @@ class Inferencer:
         sequence = [self.tokens.bos]
         current = self.tokens.bos
         for step in range(max_new_tokens):
-            hidden = self.add_token_ids_uncached(ctx, current)
+            hidden = self._decode_step(ctx, current)
             logits = self.model.logits(hidden[-1]).float()
             current = self._pick(logits, do_sample, temperature, top_p, generator)
             if current == self.tokens.eos or step == max_new_tokens - 1:
@@ -227,8 +218,8 @@ class Inferencer:
         text = self.tokenizer.decode(sequence, skip_special_tokens=False)
         return text.split("<|im_end|>")[0].split("<|im_start|>")[1]
 
-    def add_token_ids_uncached(self, ctx: Context, token: int) -> torch.Tensor:
-        # One decoding step: no <|im_start|>/<|im_end|> wrapping, the token sees the whole cache.
+    def _decode_step(self, ctx: Context, token: int) -> torch.Tensor:
+        # One decoding step: the token joins the cache unwrapped and sees all of it.
         emb = self.model.embed_text(torch.tensor([token], device=self.device))
         hidden = self._extend(ctx, emb, torch.tensor([ctx.rope]), torch.zeros(1, dtype=torch.bool), causal=False)
         ctx.rope += 1
@@ -309,7 +300,3 @@ class Inferencer:
 def decode_depth01(image: torch.Tensor) -> torch.Tensor:
     """Upstream `decode_depth`: (x * 0.5 + 0.5).clamp(0, 1), mean over RGB -> [H, W] in [0, 1]."""
     return (image * 0.5 + 0.5).clamp(0, 1).mean(dim=0)
-
-
-def pil_from_tensor(image: torch.Tensor) -> Image.Image:
-    return Image.fromarray(ip.to_uint8(image), "RGB")

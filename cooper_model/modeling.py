@@ -399,10 +399,6 @@ class CooperModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.language_model.model.embed_tokens.weight.dtype
 
-    def reset_position_tables(self) -> None:
-        self.latent_pos_embed.reset_table()
-        self.vit_pos_embed.reset_table()
-
     # Token embedding --------------------------------------------------------------------------
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.model.embed_tokens(ids)

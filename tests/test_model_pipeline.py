@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from cooper_model import BUNDLED_CHECKPOINT, CooperInputError, CooperPipeline, DepthCodec, SegmentationCodec, default_palette
 from cooper_model.codecs import colorize_depth
