@@ -28,10 +28,11 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(a.seed)
     b = SceneBuilder()
-    scene = b.build(rng)
+    # The original layout and camera draws: the committed sequence was rendered with them.
+    scene = b.build(rng, stacking=False)
     while len(scene["objects"]) < 3:
-        scene = b.build(rng)
-    pose0, _ = b.sample_view(scene, rng, 640, 480, min_visible=3)
+        scene = b.build(rng, stacking=False)
+    pose0, _ = b.sample_view(scene, rng, 640, 480, min_visible=3, stacked_view_p=0.0)
     W, H = 640, 480
     fx = W / 2 / np.tan(np.radians(70) / 2)
     intr = Intrinsics(fx, fx, W / 2, H / 2, W, H)

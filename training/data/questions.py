@@ -7,12 +7,21 @@ Definitions (these are what the answers mean, and what the evaluator checks):
 - height: the object's vertical extent along gravity (m).
 - left_right: camera frame x; asked only when the two boxes do not overlap in x and the image
   columns of their centres agree.
-- above_below: along gravity (the pose is recorded; camera roll is near zero); asked only when
-  the boxes do not overlap vertically.
+- above_below: along gravity (world z through the recorded pose, so camera pitch and roll do not
+  matter); asked only when the boxes are separated vertically by >= 2 cm, or when one rests on
+  the other: its bottom within `CONTACT_M` (the physics contact tolerance) of the other's top and
+  its centre over the other's top face (the mug on the table is above the table).
 - front_behind: camera frame z (depth); asked only when the boxes do not overlap in depth.
 - closer: which box centre is nearer the camera; asked only when the distances differ by >= 15%.
 - counting / existence: instances of a class with >= `min_pixels` visible pixels; a class with a
   barely visible instance (0 < pixels < min_pixels) is never asked about, so answers are unambiguous.
+Balance: `make` picks, slot by slot, the category asked least so far in the scene (`tally`,
+shared by a scene's views; views where a category was unanswerable count in its favour, and pair
+relations win ties, being only sometimes answerable), at most
+`MAX_PER_VIEW` per category per view, never repeating a category's object(s) within a view. Yes/no
+answers and the relation words go to whichever is behind in the tally; choice options are shuffled,
+with the correct one on the letter least used so far by questions with as many options (ties at
+random), so the letters are uniform over a question's options (two-option questions: A or B).
 Numeric answers are scored correct within a relative error of `RELATIVE_TOLERANCE` (25%, the
 usual "within a factor" band for metric estimates from one image); counts must be exact. Each
 question records its tolerance.
@@ -21,6 +30,7 @@ question records its tolerance.
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import numpy as np
 
@@ -37,6 +47,9 @@ TOOL = {"distance_camera": "depth", "distance_objects": "depth", "closer": "dept
         "counting": "segmentation", "existence": "segmentation",
         "left_right": None, "above_below": None}
 LETTERS = "ABCD"
+MAX_PER_VIEW = 2
+SEPARATION_M = 0.02  # gap between boxes along a relation's axis
+CONTACT_M = 0.01  # resting contact: the physics penetration bound of the scene tests
 PAIR_FIRST = ("above_below", "front_behind", "left_right", "closer", "distance_objects")
 
 PHRASES = {
@@ -78,10 +91,15 @@ UNIT_SUFFIX = " Answer in metres."
 
 
 class QuestionMaker:
-    """Draws balanced questions for one sample from its ground truth."""
+    """Draws balanced questions for one sample from its ground truth.
 
-    def __init__(self, sample: Sample, rng: np.random.Generator, min_pixels: int | None = None):
+    `tally` counts the questions already drawn per category and per category answer; pass the same
+    Counter for every view of a scene so that the scene's questions are balanced as a whole."""
+
+    def __init__(self, sample: Sample, rng: np.random.Generator, min_pixels: int | None = None,
+                 tally: Counter | None = None):
         self.s, self.rng = sample, rng
+        self.tally = tally if tally is not None else Counter()
         h, w = sample.rgb.shape[:2]
         self.min_pixels = min_pixels if min_pixels is not None else max(40, int(0.0015 * h * w))
         seen = [o for o in sample.objects if o.pixels > 0]
@@ -91,6 +109,8 @@ class QuestionMaker:
                      and labels.count(o.label) == 1]
         self.classes_ambiguous = {o.class_name for o in sample.objects if 0 < o.pixels < self.min_pixels}
         self.up_cam = self._up_in_camera()
+        self.used: set = set()  # (category, objects, class) already asked in this view
+        self._corner_cache: dict[int, np.ndarray] = {}
 
     def _up_in_camera(self) -> np.ndarray:
         if self.s.cam_to_world is None:
@@ -105,7 +125,27 @@ class QuestionMaker:
         return self._pick(PHRASES[category]).format(**kw)
 
     def _corners(self, o: ObjectAnnotation) -> np.ndarray:
-        return box_corners(np.array(o.centre), np.array(o.size), np.array(o.rotation))
+        if o.instance_id not in self._corner_cache:
+            self._corner_cache[o.instance_id] = box_corners(np.array(o.centre), np.array(o.size),
+                                                            np.array(o.rotation))
+        return self._corner_cache[o.instance_id]
+
+    @staticmethod
+    def _key(category, objects=(), class_name=None):
+        return category, frozenset(objects), class_name
+
+    def _fresh(self, category, objects=(), class_name=None) -> bool:
+        return self._key(category, objects, class_name) not in self.used
+
+    def _lagging(self, category, answers):
+        """Index of the answer given least so far in the tally (ties drawn at random)."""
+        counts = [self.tally[f"{category}:{a}"] for a in answers]
+        best = [i for i, c in enumerate(counts) if c == min(counts)]
+        return best[0] if len(best) == 1 else int(self._pick(best))
+
+    def _single(self, category):
+        objs = [o for o in self.objs if self._fresh(category, [o.instance_id])]
+        return self._pick(objs) if objs else None
 
     def _numeric(self, category, text, value, objects, unit="m"):
         q = {"category": category, "objects": objects, "tool": TOOL[category]}
@@ -130,28 +170,34 @@ class QuestionMaker:
         return opts
 
     def _choice(self, q, text, options, correct_index):
-        order = self.rng.permutation(len(options))  # uniform answer letter
-        options = [options[i] for i in order]
-        letter = LETTERS[int(np.nonzero(order == correct_index)[0][0])]
+        """Options shuffled so that the correct one lands on the letter that questions with this
+        many options have used least in the tally; ties and the distractors' order are random."""
+        letters = LETTERS[:len(options)]
+        slot = self._lagging(f"letters{len(options)}", letters)
+        self.tally[f"letters{len(options)}:{letters[slot]}"] += 1
+        rest = [options[i] for i in self.rng.permutation(len(options)) if i != correct_index]
+        options = rest[:slot] + [options[correct_index]] + rest[slot:]
+        letter = letters[slot]
         listing = " ".join(f"({LETTERS[i]}) {opt}" for i, opt in enumerate(options))
         q.update(form="choice", question=f"{text} Options: {listing}", options=options, answer=letter,
                  answer_text=options[LETTERS.index(letter)], tolerance={"exact": True})
         return q
 
-    def _pair(self, accept):
-        pairs = [(a, b) for a in self.objs for b in self.objs if a is not b and accept(a, b)]
+    def _pair(self, category, accept):
+        pairs = [(a, b) for a in self.objs for b in self.objs
+                 if a is not b and self._fresh(category, [a.instance_id, b.instance_id]) and accept(a, b)]
         return self._pick(pairs) if pairs else None
 
     # ---- categories ----------------------------------------------------------------------------
     def distance_camera(self):
-        if not self.objs:
+        o = self._single("distance_camera")
+        if o is None:
             return None
-        o = self._pick(self.objs)
         return self._numeric("distance_camera", self._phrase("distance_camera", a=o.label),
                              np.linalg.norm(o.centre), [o.instance_id])
 
     def distance_objects(self):
-        pair = self._pair(lambda a, b: True)
+        pair = self._pair("distance_objects", lambda a, b: True)
         if pair is None:
             return None
         a, b = pair
@@ -159,59 +205,79 @@ class QuestionMaker:
                              np.linalg.norm(np.subtract(a.centre, b.centre)), [a.instance_id, b.instance_id])
 
     def size(self):
-        if not self.objs:
+        o = self._single("size")
+        if o is None:
             return None
-        o = self._pick(self.objs)
         return self._numeric("size", self._phrase("size", a=o.label), max(o.size), [o.instance_id])
 
     def height(self):
-        if not self.objs:
+        o = self._single("height")
+        if o is None:
             return None
-        o = self._pick(self.objs)
         return self._numeric("height", self._phrase("height", a=o.label), o.height, [o.instance_id])
 
-    def _relation(self, category, coord, image_check=None):
-        """A question about a pair separated along `coord(corners)`; positive = a before b."""
-        def separated(a, b):
-            ca, cb = coord(self._corners(a)), coord(self._corners(b))
-            ok = ca.max() < cb.min() - 0.02
-            return ok and (image_check is None or image_check(a, b))
-        pair = self._pair(separated)
+    def _separated(self, coord, a, b) -> bool:
+        """a's box lies entirely before b's along `coord(corners)`, with a clear gap."""
+        return coord(self._corners(a)).max() < coord(self._corners(b)).min() - SEPARATION_M
+
+    def _relation(self, category, before):
+        """A question about a pair with `before(a, b)` true; positive = a before b."""
+        pair = self._pair(category, lambda a, b: before(a, b) or before(b, a))
         if pair is None:
             return None
         a, b = pair
-        if self.rng.random() < 0.5:  # ask both ways round so both answers are equally common
-            a, b, correct = b, a, 1
-        else:
-            correct = 0
+        if not before(a, b):
+            a, b = b, a
+        # Ask it whichever way round gives the answer word this scene has used least.
+        correct = self._lagging(category, RELATION_WORDS[category])
+        if correct == 1:
+            a, b = b, a
         q = {"category": category, "objects": [a.instance_id, b.instance_id], "tool": TOOL[category]}
         return self._choice(q, self._phrase(category, a=a.label, b=b.label),
                             list(RELATION_WORDS[category]), correct)
 
     def left_right(self):
-        def same_in_image(a, b):
+        def left_of(a, b):
             ua, ub = project(np.array([a.centre, b.centre]), self.s.intrinsics)[:, 0]
-            return ua < ub
-        return self._relation("left_right", lambda c: c[:, 0], same_in_image)
+            return ua < ub and self._separated(lambda c: c[:, 0], a, b)
+        return self._relation("left_right", left_of)
+
+    def _heights(self, o: ObjectAnnotation) -> np.ndarray:
+        return self._corners(o) @ self.up_cam  # heights along gravity, up to a common offset
+
+    def _rests_on(self, a: ObjectAnnotation, b: ObjectAnnotation) -> bool:
+        """a sits on b's top face: a's bottom within CONTACT_M of b's top (touching, not
+        overlapping beyond the contact tolerance) and a's centre over b's upright top face."""
+        bottom_a, top_b = self._heights(a).min(), self._heights(b).max()
+        if not top_b - CONTACT_M <= bottom_a <= top_b + SEPARATION_M:
+            return False
+        rot_b = np.asarray(b.rotation)
+        if abs(rot_b[:, 2] @ self.up_cam) < 0.98:  # b is not upright: no horizontal top face
+            return False
+        local = rot_b.T @ np.subtract(a.centre, b.centre)
+        return bool(np.all(np.abs(local[:2]) <= np.asarray(b.size[:2]) / 2))
 
     def above_below(self):
-        return self._relation("above_below", lambda c: -(c @ self.up_cam))
+        def above(a, b):
+            return self._separated(lambda c: -(c @ self.up_cam), a, b) or self._rests_on(a, b)
+        return self._relation("above_below", above)
 
     def front_behind(self):
-        return self._relation("front_behind", lambda c: c[:, 2])
+        return self._relation("front_behind", lambda a, b: self._separated(lambda c: c[:, 2], a, b))
 
     def closer(self):
         def clear(a, b):
             da, db = np.linalg.norm(a.centre), np.linalg.norm(b.centre)
-            return da * 1.15 < db
-        pair = self._pair(clear)
+            return da * 1.15 < db or db * 1.15 < da
+        pair = self._pair("closer", clear)
         if pair is None:
             return None
         a, b = pair
         first, second, correct = (a, b, 0) if self.rng.random() < 0.5 else (b, a, 1)
         q = {"category": "closer", "objects": [a.instance_id, b.instance_id], "tool": TOOL["closer"]}
+        nearer = 0 if np.linalg.norm(first.centre) < np.linalg.norm(second.centre) else 1
         return self._choice(q, self._phrase("closer", a=first.label, b=second.label),
-                            [first.label, second.label], correct)
+                            [first.label, second.label], nearer)
 
     def _class_counts(self):
         counts: dict[str, int] = {}
@@ -221,7 +287,7 @@ class QuestionMaker:
         return {c: n for c, n in counts.items() if c not in self.classes_ambiguous}
 
     def counting(self):
-        counts = self._class_counts()
+        counts = {c: n for c, n in self._class_counts().items() if self._fresh("counting", class_name=c)}
         if not counts:
             return None
         multi = [c for c, n in counts.items() if n > 1]
@@ -239,11 +305,11 @@ class QuestionMaker:
         return self._choice(q, text, [str(v) for v in options], 0)
 
     def existence(self):
-        counts = self._class_counts()
-        present = sorted(counts)
+        present = sorted(c for c in self._class_counts() if self._fresh("existence", class_name=c))
         absent = sorted({n for n in self.s.class_names or [] if n not in ("background", "floor", "wall")}
-                        - {o.class_name for o in self.s.objects if o.pixels > 0} - self.classes_ambiguous)
-        want_yes = self.rng.random() < 0.5
+                        - {o.class_name for o in self.s.objects if o.pixels > 0} - self.classes_ambiguous
+                        - {k[2] for k in self.used if k[0] == "existence"})
+        want_yes = self._lagging("existence", ("yes", "no")) == 0
         if not (present if want_yes else absent):
             want_yes = not want_yes
         pool = present if want_yes else absent
@@ -256,30 +322,47 @@ class QuestionMaker:
                 "answer": "yes" if want_yes else "no", "tolerance": {"exact": True}}
 
     def make(self, n: int) -> list[dict]:
-        """Up to n distinct questions, cycling the categories in random order for balance.
+        """Up to n distinct questions, balanced across categories, then across answers.
 
-        Pair relations are tried first: they are only sometimes answerable, while single-object
-        questions almost always are, so trying them last evens out the category counts."""
+        Each slot goes to the category asked least so far in the tally (the scene's, when shared),
+        less one for every earlier view in which it was not answerable at all (so a category that
+        needs a particular configuration, like above/below, catches up when it can be asked), ties
+        going to pair relations (only sometimes answerable, while single-object questions almost
+        always are) and then at random; a category is asked at most MAX_PER_VIEW times per view and
+        never twice about the same object(s) or class in one view."""
         out: list[dict] = []
+        per_view: Counter = Counter()
+        exhausted: set[str] = set()
         while len(out) < n:
-            added = False
-            order = sorted(self.rng.permutation(CATEGORIES), key=lambda c: c not in PAIR_FIRST)
+            noise = self.rng.random(len(CATEGORIES))
+            order = sorted((c for c in CATEGORIES if c not in exhausted and per_view[c] < MAX_PER_VIEW),
+                           key=lambda c: (self.tally[c] - self.tally[f"{c}:missed"], c not in PAIR_FIRST,
+                                          noise[CATEGORIES.index(c)]))
+            q = None
             for category in order:
-                q = getattr(self, str(category))()
-                if q is None or any(q["question"] == p["question"] for p in out):
-                    continue
-                q["qid"] = f"{self.s.sample_id}_q{len(out):02d}"
-                out.append(q)
-                added = True
-                if len(out) == n:
+                q = getattr(self, category)()
+                if q is not None:
                     break
-            if not added:
+                exhausted.add(category)
+            if q is None:
                 break
+            category = q["category"]
+            self.used.add(self._key(category, q["objects"] if category not in ("counting", "existence") else (),
+                                    q.get("class_name")))
+            per_view[category] += 1
+            self.tally[category] += 1
+            if category in RELATION_WORDS or category == "existence":
+                self.tally[f"{category}:{q.get('answer_text', q['answer'])}"] += 1
+            q["qid"] = f"{self.s.sample_id}_q{len(out):02d}"
+            out.append(q)
+        for category in exhausted - set(per_view):  # not answerable in this view at all
+            self.tally[f"{category}:missed"] += 1
         return out
 
 
-def make_questions(sample: Sample, rng: np.random.Generator, n: int = 8) -> list[dict]:
-    return QuestionMaker(sample, rng).make(n)
+def make_questions(sample: Sample, rng: np.random.Generator, n: int = 8, tally: Counter | None = None) -> list[dict]:
+    """Up to n questions about `sample`; pass one `tally` Counter for all views of a scene."""
+    return QuestionMaker(sample, rng, tally=tally).make(n)
 
 
 def answer_text(q: dict) -> str:

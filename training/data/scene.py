@@ -27,6 +27,13 @@ from .schema import ObjectAnnotation, Sample
 NEAR, FAR = 0.05, 30.0
 DEPTH_RANGE = (1e-3, 10.0)  # metric range of Stage-1 depth targets (COOPER's NYU indoor range)
 DATA = pybullet_data.getDataPath()
+STACK_P = 0.85  # chance that a small object goes onto a support (table, cabinet, bed) if one fits
+STACK_SUPPORTS = ("table", "cabinet")  # flat-topped supports: preferred, and added to a scene lacking one
+# Left on the floor by the stacking layout: balls roll off tops and the teddy bear topples
+# (3 of 15 stayed up in a 40-scene trial, knocking neighbours off with it).
+FLOOR_ONLY = ("ball", "soccer ball", "teddy bear")
+STACKED_VIEW_P = 0.65  # chance that a camera aims at an object resting on another ...
+STACKED_VIEW_RANGE_M = 3.0  # ... from at most this far (horizontally)
 
 
 @dataclass
@@ -36,6 +43,7 @@ class PlacedObject:
     colour: str | None
     size: np.ndarray  # tight box extents in the object frame
     points: np.ndarray  # [N,3] object-frame points on the surface, for the vertical extent
+    on: PlacedObject | None = None  # the support it was placed on (None: the floor)
 
 
 @functools.lru_cache(maxsize=None)
@@ -208,8 +216,17 @@ class SceneBuilder:
         return {"room": np.asarray(room, float), "wall_height": wall_h, "objects": kept,
                 "static": static, "max_penetration_m": float(penetration)}
 
-    def build(self, rng: np.random.Generator, min_objects: int = 3, max_objects: int = 15) -> dict:
-        """Build and settle a random room; returns the scene description used for rendering."""
+    def build(self, rng: np.random.Generator, min_objects: int = 3, max_objects: int = 15,
+              stacking: bool = True) -> dict:
+        """Build and settle a random room; returns the scene description used for rendering.
+
+        With `stacking` (the data engine's layout) furniture is placed before small objects, a
+        scene with a small object gets a support (table or cabinet) if it drew none, small objects
+        (except FLOOR_ONLY ones, which roll or topple off) go onto a support with probability STACK_P, tables and
+        cabinets first, and the first one always does where one fits,
+        so most scenes hold an object resting on another (what above/below questions need).
+        `stacking=False` is the original interleaved layout, kept so that renders made with it
+        (the ROS demo sequence) stay reproducible."""
         self._reset()
         room = rng.uniform([3.5, 3.5], [7.0, 7.0])
         wall_h = rng.uniform(2.6, 3.2)
@@ -217,6 +234,8 @@ class SceneBuilder:
         n = int(rng.integers(min_objects, max_objects + 1))
         furniture = [c for c in cat.OBJECT_CLASSES if c.role == "furniture"]
         small = [c for c in cat.OBJECT_CLASSES if c.role == "small"]
+        if stacking:
+            return self._finish(room, wall_h, static, self._stacked_layout(rng, room, n, furniture, small))
         footprints: list[tuple[np.ndarray, float]] = []  # (xy, radius) on the floor
         supports: list[tuple[PlacedObject, list]] = []  # support object, items placed on it
         objects: list[PlacedObject] = []
@@ -237,6 +256,49 @@ class SceneBuilder:
             if cls.support:
                 supports.append((obj, []))
         return self._finish(room, wall_h, static, objects)
+
+    def _stacked_layout(self, rng, room, n, furniture, small) -> list[PlacedObject]:
+        classes = [furniture[rng.integers(len(furniture))] if rng.random() < 0.45 else small[rng.integers(len(small))]
+                   for _ in range(n)]
+        # At least one support and one small object that can go on it (n >= 2 leaves room).
+        if n >= 2 and not any(c.support for c in classes):
+            i = next((i for i, c in enumerate(classes) if c.role == "furniture"), 0)
+            tops = [c for c in furniture if c.name in STACK_SUPPORTS]
+            classes[i] = tops[rng.integers(len(tops))]
+        stackable = [c for c in small if c.name not in FLOOR_ONLY]
+        if n >= 2 and not any(c in stackable for c in classes):
+            i = next((i for i, c in enumerate(classes) if not c.support), n - 1)  # keeps a support
+            classes[i] = stackable[rng.integers(len(stackable))]
+        classes.sort(key=lambda c: c.role != "furniture")  # stable: furniture first, then small
+        footprints: list[tuple[np.ndarray, float]] = []
+        supports: list[tuple[PlacedObject, list]] = []
+        objects: list[PlacedObject] = []
+        stacked = False
+        for cls in classes:
+            size = self._sample_size(cls, rng)
+            colour = None if cls.keep_texture else cls.colours[rng.integers(len(cls.colours))]
+            yaw = rng.uniform(-np.pi, np.pi)
+            placed, on = None, None
+            if cls.role == "small" and cls.name not in FLOOR_ONLY and supports and (not stacked or rng.random() < STACK_P):
+                # Any support it fits on, flat tops first: on a bed it sits below the headboard,
+                # inside the bed's box, so it is neither above nor below the bed.
+                for k in sorted(rng.permutation(len(supports)),
+                                key=lambda k: supports[k][0].cls.name not in STACK_SUPPORTS):
+                    placed = self._place_on_support(size, [supports[k]], rng)
+                    if placed is not None:
+                        on = supports[k][0]
+                        break
+            if placed is None:
+                placed = self._place_on_floor(size, room, footprints, rng)
+            if placed is None:
+                continue
+            obj = self._add(cls, size, colour, placed, yaw)
+            obj.on = on
+            stacked |= on is not None
+            objects.append(obj)
+            if cls.support:
+                supports.append((obj, []))
+        return objects
 
     def build_fixed(self, layout: list[dict], room=(9.0, 9.0), wall_h: float = 3.0) -> dict:
         """A hand-specified scene: items {class, size (x,y,z), colour, xy, yaw, base} whose bottom
@@ -287,11 +349,16 @@ class SceneBuilder:
             pb.stepSimulation(physicsClientId=self.cid)
 
     # ---- cameras and rendering -----------------------------------------------------------------
-    def sample_view(self, scene: dict, rng, width: int, height: int, min_visible: int = 2):
-        """A robot-like camera (height 0.3-1.8 m, small roll) that sees >= min_visible objects."""
+    def sample_view(self, scene: dict, rng, width: int, height: int, min_visible: int = 2,
+                    stacked_view_p: float = STACKED_VIEW_P):
+        """A robot-like camera (height 0.3-1.8 m, small roll) that sees >= min_visible objects.
+
+        It aims near a random object, or with probability `stacked_view_p` near one that was
+        placed on a support, from within STACKED_VIEW_RANGE_M (so that the pair is in view)."""
         room = scene["room"]
         centres = [np.array(pb.getBasePositionAndOrientation(o.body, physicsClientId=self.cid)[0])
                    for o in scene["objects"]]
+        stacked = [i for i, o in enumerate(scene["objects"]) if o.on is not None]
         radii = [0.5 * float(np.hypot(*o.size[:2])) for o in scene["objects"]]
         for _ in range(200):
             hfov = np.radians(rng.uniform(55, 90))
@@ -302,8 +369,12 @@ class SceneBuilder:
             if any(np.linalg.norm(xy - c[:2]) < r + 0.25 for c, r in zip(centres, radii)):
                 continue
             pos = np.array([xy[0], xy[1], rng.uniform(0.3, 1.8)])
-            target = centres[rng.integers(len(centres))] + rng.normal(0, 0.3, 3)
+            at_stack = bool(stacked) and stacked_view_p > 0 and rng.random() < stacked_view_p
+            aim = stacked[rng.integers(len(stacked))] if at_stack else rng.integers(len(centres))
+            target = centres[aim] + rng.normal(0, 0.3, 3)
             d = target - pos
+            if at_stack and np.hypot(d[0], d[1]) > STACKED_VIEW_RANGE_M:
+                continue  # too far for the small object on top to be clearly visible
             yaw = np.arctan2(d[1], d[0])
             pitch = np.clip(np.arctan2(d[2], np.hypot(d[0], d[1])), np.radians(-60), np.radians(15))
             roll = np.clip(rng.normal(0, np.radians(2)), -np.radians(5), np.radians(5))

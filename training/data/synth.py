@@ -22,6 +22,7 @@ import multiprocessing as mp
 import os
 import shutil
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -65,13 +66,14 @@ def write_scene(root: Path, index: int, cfg: dict) -> str:
     samples = generate_scene(_builder, scene_seed(cfg["seed"], cfg["split"], index, 0), cfg["views"],
                              cfg["width"], cfg["height"], f"{cfg['split']}_{name}")
     rng = np.random.default_rng(scene_seed(cfg["seed"], cfg["split"], index, 1))
+    tally: Counter = Counter()  # the scene's questions per category / answer, for balance
     rows = {k: [] for k in MERGED}
     stats = {"classes": {}, "depth_hist": np.zeros(len(DEPTH_BINS) - 1, np.int64), "depth_over": 0,
              "camera_distances": [], "object_distances": []}
     for v, s in enumerate(samples):
         view = f"view_{v:02d}"
         rel = f"scenes/{name}/{view}"
-        s.questions = make_questions(s, rng, cfg["questions"])
+        s.questions = make_questions(s, rng, cfg["questions"], tally)
         s.save(tmp / view)
         for fname, img in stage1_files(s).items():
             Image.fromarray(img).save(tmp / view / fname)

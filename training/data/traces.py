@@ -126,8 +126,12 @@ def _analysis(sample: Sample, q: dict) -> tuple[str, str]:
         ua, ub = project(np.array([a.centre, b.centre]), sample.intrinsics)[:, 0]
         return (f"The {a.label} appears around x = {ua:.0f} px and the {b.label} around x = {ub:.0f} px, "
                 f"so the {a.label} is to the {ans} of the {b.label}.", f"The answer is {ans}.")
+    if ans == "above":
+        how = f"its bottom is at or above the top of the {b.label}"
+    else:
+        how = f"its top is at or below the bottom of the {b.label}"
     return (f"The {a.label} sits {'higher' if ans == 'above' else 'lower'} in the scene than the "
-            f"{b.label}; their vertical extents do not overlap.", f"The answer is {ans}.")
+            f"{b.label}: {how}.", f"The answer is {ans}.")
 
 
 def sft_trace(sample: Sample, q: dict, rng: np.random.Generator) -> dict:
