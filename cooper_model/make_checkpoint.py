@@ -2,9 +2,14 @@
 
     python -m cooper_model.make_checkpoint --preset cooper-small --out DIR [--seed 0] [--class-names a,b,c]
 
-The bundled `checkpoints/cooper-small` starts like this (marked `trained: false`) until the
-project's training code replaces it with trained weights; tests and benchmarks use it to run the
-real code path without any download.
+The bundled `checkpoints/cooper-small` was made like this (marked `trained: false`), with the
+segmentation classes of the data engine's catalogue:
+
+    python -m cooper_model.make_checkpoint --out cooper_model/checkpoints/cooper-small \
+        --class-names "$(python -c 'from training.data.catalogue import CLASS_NAMES; print(",".join(CLASS_NAMES))')"
+
+Tests and benchmarks use it to run the real code path without any download, until the project's
+training code replaces it with trained weights.
 """
 
 from __future__ import annotations
@@ -43,15 +48,9 @@ def main(argv=None):
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--class-names", default=None,
                         help="comma-separated segmentation classes (index 0 = background); "
-                             "default: the data engine's catalogue when available")
+                             "default: generic names over the default palette")
     args = parser.parse_args(argv)
     names = args.class_names.split(",") if args.class_names else None
-    if names is None:
-        try:  # the data engine defines the classes the small model learns; optional dependency
-            from training.data.catalogue import CLASS_NAMES
-            names = list(CLASS_NAMES)
-        except ImportError:
-            names = None
     random_checkpoint(args.preset, args.out, args.seed, names, args.dtype)
     print(f"wrote random {args.preset} checkpoint to {args.out}" + (f" with {len(names)} classes" if names else ""))
 

@@ -534,8 +534,6 @@ class CooperNode(LifecycleNode):
         depth outputs are published before segmentation runs, and a waiting query may use the
         model between the two.
         """
-        from cooper_model.pipeline import CooperInputError
-
         need_depth = bool(want.get("depth") or want.get("depth_colored") or want.get("points"))
         need_seg = bool(want.get("seg") or want.get("labels"))
         ov = s.generation_overrides()
@@ -564,16 +562,9 @@ class CooperNode(LifecycleNode):
                 self._s["frames_behind_max"] = max(self._s["frames_behind_max"], newest_seq - frame.seq)
             depth_out = None
             if need_depth:
-                t1 = time.perf_counter()
-                try:
-                    depth_out = self._pipe.depth(rgb, **ov)
-                except CooperInputError as exc:
-                    self._skip(frame, f"model refused the frame: {exc}")
+                depth_out, t_depth = self._infer(frame, self._pipe.depth, rgb, ov)
+                if depth_out is None:
                     return frame.seq
-                except Exception as exc:  # noqa: BLE001
-                    self._model_failed(frame, exc)
-                    return frame.seq
-                t_depth = time.perf_counter() - t1
         t_pub = 0.0
         if depth_out is not None:
             t1 = time.perf_counter()
@@ -589,16 +580,9 @@ class CooperNode(LifecycleNode):
             with self._model_lock:
                 if self._pipe is None:
                     return frame.seq
-                t1 = time.perf_counter()
-                try:
-                    seg_out = self._pipe.segment(rgb, **ov)
-                except CooperInputError as exc:
-                    self._skip(frame, f"model refused the frame: {exc}")
+                seg_out, t_seg = self._infer(frame, self._pipe.segment, rgb, ov)
+                if seg_out is None:
                     return frame.seq
-                except Exception as exc:  # noqa: BLE001
-                    self._model_failed(frame, exc)
-                    return frame.seq
-                t_seg = time.perf_counter() - t1
             t1 = time.perf_counter()
             self._publish_seg(header, seg_out, want)
             t_pub += time.perf_counter() - t1
@@ -610,6 +594,22 @@ class CooperNode(LifecycleNode):
             self._t["publish"].add(t_pub)
             self._t["overhead"].add(t_dec + t_pub)
         return frame.seq
+
+    def _infer(self, frame, task, rgb, overrides):
+        """One model call on a camera frame: (output, seconds), or (None, 0) when the model refused
+        or failed; then the frame is skipped with the reason logged and counted."""
+        from cooper_model.pipeline import CooperInputError
+
+        t1 = time.perf_counter()
+        try:
+            out = task(rgb, **overrides)
+        except CooperInputError as exc:
+            self._skip(frame, f"model refused the frame: {exc}")
+            return None, 0.0
+        except Exception as exc:  # noqa: BLE001 - any model failure skips the frame, the node stays up
+            self._model_failed(frame, exc)
+            return None, 0.0
+        return out, time.perf_counter() - t1
 
     def _publish_depth(self, header, rgb, depth_out, s: Settings, want: dict) -> None:
         p = self._pubs
