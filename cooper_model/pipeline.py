@@ -102,6 +102,7 @@ class CooperPipeline:
         self.inferencer = inferencer
         self.config = config
         self.depth_codec = DepthCodec(*config.depth_range)
+        # Released checkpoints name no classes; COOPER segments ADE20K (150 classes + background).
         palette = np.asarray(config.palette, dtype=np.uint8) if config.palette else default_palette(
             len(config.class_names) if config.class_names else 151)
         self.segmentation_codec = SegmentationCodec(palette, config.class_names)
