@@ -112,15 +112,20 @@ def _data_len(data: Any) -> int:
         return memoryview(data).nbytes
 
 
+def _check_size(w: int, h: int, max_pixels: int, what: str) -> None:
+    """Refuse empty images and images over the pixel budget before any pixel is touched."""
+    if h <= 0 or w <= 0:
+        raise ImageConversionError(f"empty {what} ({w}x{h}): width and height must be > 0")
+    if max_pixels and h * w > max_pixels:
+        raise ImageConversionError(
+            f"{what} too large: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+            f"pixels (parameter input.max_pixels)")
+
+
 def check_image_header(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> EncodingInfo:
     """Validate the header fields of an Image against its data, without reading pixels."""
     h, w, step = int(msg.height), int(msg.width), int(msg.step)
-    if h <= 0 or w <= 0:
-        raise ImageConversionError(f"empty image ({w}x{h}): width and height must be > 0")
-    if max_pixels and h * w > max_pixels:
-        raise ImageConversionError(
-            f"image too large: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
-            f"pixels (parameter input.max_pixels)")
+    _check_size(w, h, max_pixels, "image")
     info = encoding_info(msg.encoding)
     row = w * info.pixel_bytes
     if step < row:
@@ -312,13 +317,7 @@ def decode_compressed(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndar
     if im.format not in ("JPEG", "PNG"):
         raise ImageConversionError(
             f"unsupported compressed image format {im.format!r}: only JPEG and PNG")
-    w, h = im.size
-    if w <= 0 or h <= 0:
-        raise ImageConversionError(f"empty compressed image ({w}x{h})")
-    if max_pixels and w * h > max_pixels:
-        raise ImageConversionError(
-            f"image too large: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
-            f"pixels (parameter input.max_pixels)")
+    _check_size(*im.size, max_pixels, "compressed image")
     try:
         im.load()
     except Exception as exc:

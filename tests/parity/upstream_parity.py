@@ -290,21 +290,15 @@ def run(upstream_dir: Path, ckpt: Path) -> Table:
         return torch.cat(got), text
 
     steps = 6
-    u_logits, u_text = logits_of(lambda: up.gen_text(u_gen, max_length=steps, do_sample=False),
-                                 up_model.language_model.lm_head)
-    o_logits, o_text = logits_of(lambda: ours.generate_text(o_gen, max_new_tokens=steps),
-                                 ours_model.language_model.lm_head)
-    table.add(f"text logits, {steps} greedy steps (VAE+ViT ctx)", o_logits, u_logits)
-    table.add_equal("generated text (VAE+ViT ctx)", o_text, u_text)
-
     u_und, _, _, _ = upstream_contexts(vae=False)
     o_und, _, _ = ours_contexts(vae=False)
-    u_logits, u_text = logits_of(lambda: up.gen_text(u_und, max_length=steps, do_sample=False),
-                                 up_model.language_model.lm_head)
-    o_logits, o_text = logits_of(lambda: ours.generate_text(o_und, max_new_tokens=steps),
-                                 ours_model.language_model.lm_head)
-    table.add(f"text logits, {steps} greedy steps (ViT-only ctx)", o_logits, u_logits)
-    table.add_equal("generated text (ViT-only ctx)", o_text, u_text)
+    for label, u_ctx, o_ctx in (("VAE+ViT ctx", u_gen, o_gen), ("ViT-only ctx", u_und, o_und)):
+        u_logits, u_text = logits_of(lambda: up.gen_text(u_ctx, max_length=steps, do_sample=False),
+                                     up_model.language_model.lm_head)
+        o_logits, o_text = logits_of(lambda: ours.generate_text(o_ctx, max_new_tokens=steps),
+                                     ours_model.language_model.lm_head)
+        table.add(f"text logits, {steps} greedy steps ({label})", o_logits, u_logits)
+        table.add_equal(f"generated text ({label})", o_text, u_text)
 
     # (2) One velocity prediction: upstream `_forward_flow` --------------------------------------
     gi = up_model.prepare_vae_latent(curr_kvlens=u_gen["kv_lens"], curr_rope=u_gen["ropes"],
