@@ -22,7 +22,7 @@ def _diffusers_kwargs(cfg: AutoencoderConfig) -> dict:
         in_channels=cfg.in_channels, out_channels=cfg.out_ch, latent_channels=cfg.z_channels,
         block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult), layers_per_block=cfg.num_res_blocks,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        norm_num_groups=32, act_fn="silu", use_quant_conv=False, use_post_quant_conv=False,
+        norm_num_groups=cfg.norm_num_groups, act_fn="silu", use_quant_conv=False, use_post_quant_conv=False,
         mid_block_add_attention=True, scaling_factor=cfg.scale_factor, shift_factor=cfg.shift_factor,
     )
 

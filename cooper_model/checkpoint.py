@@ -187,6 +187,10 @@ def load_autoencoder(path: str | Path, device="cpu", dtype="float32") -> FluxAut
         found = {k: (tuple(f.get_slice(k).get_shape()), file) for k in f.keys()}
     try:
         config = infer_autoencoder_config({k: v[0] for k, v in found.items()})
+        # the group count is not in the tensor shapes; small checkpoints record it in their config
+        extra = Path(path) / COOPER_CONFIG_FILE
+        if extra.is_file():
+            config.norm_num_groups = json.loads(extra.read_text()).get("vae", {}).get("norm_num_groups", 32)
     except (KeyError, ZeroDivisionError) as exc:
         raise CheckpointError(f"{file}: not a FLUX autoencoder layout (missing {exc})") from None
     with torch.device("meta"):

@@ -35,11 +35,36 @@ class PackedSequence:
     positions: list[int] = field(default_factory=list)
     split_lens: list[int] = field(default_factory=list)
     attn_modes: list[str] = field(default_factory=list)
+    sample_lens: list[int] = field(default_factory=list)  # several samples packed; none see each other
     rope: int = 0
 
     @property
     def length(self) -> int:
         return len(self.positions)
+
+    def extend(self, other: "PackedSequence") -> None:
+        """Pack another sample after this one: it keeps its own positions (from 0), and no token
+        of one sample attends to the other (upstream's `sample_lens`)."""
+        offset = self.length
+        if not self.sample_lens and offset:
+            self.sample_lens.append(offset)
+        shifted = lambda index: [i + offset for i in index]  # noqa: E731
+        self.text_ids += other.text_ids
+        self.text_index += shifted(other.text_index)
+        self.label_ids += other.label_ids
+        self.label_index += shifted(other.label_index)
+        self.vit_patches += other.vit_patches
+        self.vit_pos += other.vit_pos
+        self.vit_index += shifted(other.vit_index)
+        self.latents += other.latents
+        self.latent_t += other.latent_t
+        self.latent_pos += other.latent_pos
+        self.latent_index += shifted(other.latent_index)
+        self.noisy_latent_index += shifted(other.noisy_latent_index)
+        self.positions += other.positions
+        self.split_lens += other.split_lens
+        self.attn_modes += other.attn_modes
+        self.sample_lens += other.sample_lens or [other.length]
 
     def _split(self, n: int, mode: str, positions: list[int]) -> int:
         start = self.length
@@ -106,7 +131,7 @@ def forward_packed(model: CooperModel, seq: PackedSequence) -> dict[str, torch.T
         index = torch.tensor(seq.latent_index, device=device)
         x[index] = lat.to(dtype)
         gen_mask[index] = True
-    mask = packed_attention_mask(seq.split_lens, seq.attn_modes, device=device)
+    mask = packed_attention_mask(seq.split_lens, seq.attn_modes, seq.sample_lens or None, device=device)
     hidden, _ = model.run_llm(x, torch.tensor(seq.positions, device=device), gen_mask, None, mask)
     out = {"hidden": hidden}
     if seq.label_index:

@@ -1,0 +1,297 @@
+"""Evaluate a checkpoint: depth, segmentation, spatial QA per mode, quality against denoising steps.
+
+    python -m training.evaluate --checkpoint DIR --data runs/data/test --out runs/eval
+        [--nyuv2 nyu_depth_v2_labeled.mat] [--ade20k ADEChallengeData2016] [--max-images 64]
+
+Depth follows upstream's protocol (Marigold's): least-squares scale and shift of the prediction to
+the ground truth over valid pixels, clamp to the dataset range, then AbsRel, delta1 (max ratio
+< 1.25), RMSE. The same metrics *without* alignment are reported for metric checkpoints, since the
+synthetic depth is metric. Segmentation: mIoU of decoded labels over the classes present in the
+ground truth or the prediction, from one confusion matrix over the split. QA: the data engine's
+rule judge (`training.data.questions.score`) per category in each mode (`direct`, `perception`,
+`text`, `interleave`). Writes `report.json`, `report.md`, plots and example images to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from cooper_model.alignment import fit_scale_shift
+from cooper_model.codecs import colorize_depth
+from cooper_model.pipeline import CooperPipeline
+
+NYU_CROP = (slice(45, 471), slice(41, 601))  # upstream's NYUv2 evaluation crop
+MODES = ("direct", "perception", "text", "interleave")
+
+
+# Metrics ------------------------------------------------------------------------------------------
+
+def depth_metrics(pred: np.ndarray, gt: np.ndarray, depth_range: tuple[float, float], align: bool) -> dict | None:
+    lo, hi = depth_range
+    valid = np.isfinite(gt) & (gt > lo) & (gt < hi) & np.isfinite(pred)
+    if valid.sum() < 10:
+        return None
+    p = pred.astype(np.float64)
+    if align:
+        p = fit_scale_shift(p, gt, valid).apply(p)
+    p = np.clip(p, lo, hi)[valid]
+    g = gt[valid].astype(np.float64)
+    ratio = np.maximum(p / g, g / p)
+    return {"absrel": float(np.mean(np.abs(p - g) / g)), "delta1": float(np.mean(ratio < 1.25)),
+            "rmse": float(np.sqrt(np.mean((p - g) ** 2)))}
+
+
+def mean_metrics(rows: list[dict]) -> dict:
+    rows = [r for r in rows if r]
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
+
+
+def miou(confusion: np.ndarray) -> tuple[float, dict]:
+    inter = np.diag(confusion).astype(np.float64)
+    union = confusion.sum(0) + confusion.sum(1) - inter
+    present = union > 0
+    per_class = {int(i): float(inter[i] / union[i]) for i in np.flatnonzero(present)}
+    return float(np.mean(inter[present] / union[present])), per_class
+
+
+def _relative(out) -> np.ndarray:
+    rel = getattr(out, "relative", None)
+    return rel if rel is not None else out.depth01
+
+
+def _metric(pipe: CooperPipeline, out) -> np.ndarray | None:
+    is_metric = getattr(pipe, "depth_is_metric", True)
+    return out.depth if is_metric else None
+
+
+def _finite_depth(depth: np.ndarray, depth_range) -> np.ndarray:
+    # REP 118 marks saturated pixels -inf/+inf; for metrics they are the range's ends
+    return np.nan_to_num(depth, neginf=depth_range[0], posinf=depth_range[1])
+
+
+# Evaluations --------------------------------------------------------------------------------------
+
+def evaluate_maps(pipe: CooperPipeline, samples, settings: dict, depth_range, crop=None, max_images=None,
+                  examples: list | None = None, desc="maps", segment: bool = True) -> dict:
+    aligned, metric, times = [], [], {"depth": [], "segment": []}
+    num_classes = len(pipe.class_names) if getattr(pipe, "has_palette", pipe.class_names is not None) and pipe.class_names else 0
+    confusion = np.zeros((num_classes, num_classes), np.int64) if num_classes else None
+    for n, s in enumerate(tqdm(samples, desc=desc, total=max_images, leave=False)):
+        if max_images is not None and n >= max_images:
+            break
+        pred_depth = pred_labels = None
+        if s.depth is not None:
+            start = time.perf_counter()
+            out = pipe.depth(s.rgb, **settings)
+            times["depth"].append(time.perf_counter() - start)
+            gt = s.depth if crop is None else s.depth[crop]
+            rel = _relative(out) if crop is None else _relative(out)[crop]
+            aligned.append(depth_metrics(rel, gt, depth_range, align=True))
+            m = _metric(pipe, out)
+            if m is not None:
+                m = _finite_depth(m if crop is None else m[crop], depth_range)
+                metric.append(depth_metrics(m, gt, depth_range, align=False))
+            pred_depth = _relative(out)
+        if segment and s.class_map is not None and confusion is not None:
+            start = time.perf_counter()
+            seg = pipe.segment(s.rgb, **settings)
+            times["segment"].append(time.perf_counter() - start)
+            if seg.labels is not None:
+                gt = s.class_map.astype(np.int64)
+                ok = (gt >= 0) & (gt < num_classes)
+                confusion += np.bincount(gt[ok] * num_classes + seg.labels.astype(np.int64)[ok],
+                                         minlength=num_classes**2).reshape(num_classes, num_classes)
+                pred_labels = seg.raw
+        if examples is not None and len(examples) < 4:
+            examples.append((s, pred_depth, pred_labels))
+    result = {"depth_aligned": mean_metrics(aligned), "depth_metric": mean_metrics(metric),
+              "images": len(aligned), "seconds_per_depth_map": float(np.mean(times["depth"])) if times["depth"] else None,
+              "seconds_per_segmentation": float(np.mean(times["segment"])) if times["segment"] else None}
+    if confusion is not None and confusion.sum():
+        result["segmentation_miou"], per_class = miou(confusion)
+        result["segmentation_iou_per_class"] = {pipe.class_names[k]: v for k, v in per_class.items()}
+        result["segmentation_pixel_accuracy"] = float(np.trace(confusion) / confusion.sum())
+    return result
+
+
+def evaluate_steps(pipe, samples, base: dict, depth_range, steps=(2, 3, 5, 9, 17)) -> list[dict]:
+    """Depth quality and time against the number of denoising evaluations, with and without CFG."""
+    rows = []
+    for cfg in (False, True):
+        for n in steps:
+            settings = dict(base, num_steps=n)
+            if not cfg:
+                settings["cfg_text_scale"] = 1.0
+            r = evaluate_maps(pipe, samples, settings, depth_range, desc=f"steps={n} cfg={cfg}", segment=False)
+            rows.append({"num_steps": n, "model_evaluations": n - 1, "cfg": cfg,
+                         **{f"aligned_{k}": v for k, v in r["depth_aligned"].items()},
+                         "seconds_per_map": r["seconds_per_depth_map"]})
+    return rows
+
+
+def evaluate_qa(pipe, data_dir: Path, max_per_mode: int, settings: dict) -> dict:
+    from training.data.questions import score
+
+    questions = [json.loads(line) for line in open(data_dir / "questions.jsonl")]
+    rng = np.random.default_rng(0)
+    picked = [questions[i] for i in sorted(rng.permutation(len(questions))[:max_per_mode])]
+    out = {}
+    for mode in MODES:
+        per_cat, tools = defaultdict(list), defaultdict(lambda: defaultdict(int))
+        for q in tqdm(picked, desc=f"qa {mode}", leave=False):
+            rgb = np.asarray(Image.open(data_dir / q["image"]).convert("RGB"))
+            ans = pipe.ask(rgb, q["question"], mode=mode, **settings)
+            per_cat[q["category"]].append(bool(score(q, ans.answer)))
+            for t in ans.tools_used:
+                tools[q["category"]][t] += 1
+        out[mode] = {"accuracy": float(np.mean([v for vals in per_cat.values() for v in vals])),
+                     "per_category": {k: float(np.mean(v)) for k, v in sorted(per_cat.items())},
+                     "questions_per_category": {k: len(v) for k, v in sorted(per_cat.items())},
+                     "tool_calls_per_category": {k: dict(v) for k, v in tools.items()}}
+    return out
+
+
+# Report ---------------------------------------------------------------------------------------------
+
+def save_examples(examples, path: Path, depth_range) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(examples), 5, figsize=(15, 2.6 * len(examples)), squeeze=False)
+    lo, hi = depth_range
+    for row, (s, depth, seg) in zip(axes, examples):
+        gt01 = np.clip((np.nan_to_num(s.depth, nan=lo) - lo) / (hi - lo), 0, 1) if s.depth is not None else None
+        panels = [(s.rgb, "RGB"), (colorize_depth(gt01) if gt01 is not None else None, "depth (truth)"),
+                  (colorize_depth(depth) if depth is not None else None, "depth (model)"),
+                  (None, "segmentation (truth)"), (seg, "segmentation (model)")]
+        if s.class_map is not None and seg is not None:
+            from cooper_model.codecs import default_palette
+
+            panels[3] = (default_palette(max(int(s.class_map.max()) + 1, 2))[s.class_map], "segmentation (truth)")
+        for ax, (img, title) in zip(row, panels):
+            ax.axis("off")
+            ax.set_title(title, fontsize=9)
+            if img is not None:
+                ax.imshow(img)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_steps(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for cfg in (False, True):
+        sel = [r for r in rows if r["cfg"] == cfg and "aligned_absrel" in r]
+        x = [r["model_evaluations"] for r in sel]
+        a.plot(x, [r["aligned_absrel"] for r in sel], "o-", label=f"CFG {'on' if cfg else 'off'}")
+        b.plot(x, [r["seconds_per_map"] for r in sel], "o-", label=f"CFG {'on' if cfg else 'off'}")
+    a.set(xlabel="denoising steps (model evaluations)", ylabel="AbsRel (aligned)", xscale="log")
+    b.set(xlabel="denoising steps (model evaluations)", ylabel="seconds per map", xscale="log")
+    a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Evaluation of `{report['checkpoint']}`", "", f"Data: `{report['data']}`; settings: "
+             f"`{json.dumps(report['settings'])}`", ""]
+    for name, r in report["datasets"].items():
+        lines += [f"## {name} ({r['images']} images)", "", "| metric | value |", "|---|---|"]
+        for k, v in r["depth_aligned"].items():
+            lines.append(f"| depth {k} (scale/shift aligned) | {v:.4f} |")
+        for k, v in r["depth_metric"].items():
+            lines.append(f"| depth {k} (metric, no alignment) | {v:.4f} |")
+        if "segmentation_miou" in r:
+            lines.append(f"| segmentation mIoU | {r['segmentation_miou']:.4f} |")
+            lines.append(f"| segmentation pixel accuracy | {r['segmentation_pixel_accuracy']:.4f} |")
+        if r.get("seconds_per_depth_map"):
+            lines.append(f"| seconds per depth map | {r['seconds_per_depth_map']:.3f} |")
+        lines.append("")
+    if report.get("steps"):
+        lines += ["## Depth quality against denoising steps", "", "| steps | CFG | AbsRel | delta1 | s/map |",
+                  "|---|---|---|---|---|"]
+        for r in report["steps"]:
+            lines.append(f"| {r['model_evaluations']} | {'on' if r['cfg'] else 'off'} | {r.get('aligned_absrel', float('nan')):.4f} "
+                         f"| {r.get('aligned_delta1', float('nan')):.4f} | {r['seconds_per_map']:.3f} |")
+        lines += ["", "![steps](steps.png)", ""]
+    if report.get("qa"):
+        cats = sorted({c for m in report["qa"].values() for c in m["per_category"]})
+        lines += ["## Spatial QA accuracy", "", "| category | " + " | ".join(report["qa"]) + " |",
+                  "|---|" + "---|" * len(report["qa"])]
+        for c in cats:
+            lines.append(f"| {c} | " + " | ".join(f"{m['per_category'].get(c, float('nan')):.2f}"
+                                                  for m in report["qa"].values()) + " |")
+        lines.append("| **all** | " + " | ".join(f"{m['accuracy']:.3f}" for m in report["qa"].values()) + " |")
+        lines.append("")
+    lines += ["## Examples", "", "![examples](examples.png)", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    from training.data.readers import read_ade20k, read_nyuv2, read_synth
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--data", required=True, help="a synthetic split (python -m training.data.synth)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--max-images", type=int, default=None)
+    parser.add_argument("--num-steps", type=int, default=None, help="default: the checkpoint's")
+    parser.add_argument("--cfg-text-scale", type=float, default=None)
+    parser.add_argument("--steps-sweep", default="2,3,5,9,17", help="num_steps values ('' to skip)")
+    parser.add_argument("--steps-images", type=int, default=16)
+    parser.add_argument("--qa-questions", type=int, default=40, help="questions per mode (0 to skip)")
+    parser.add_argument("--nyuv2", default=None, help="nyu_depth_v2_labeled.mat")
+    parser.add_argument("--ade20k", default=None, help="ADEChallengeData2016 directory (validation split)")
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = CooperPipeline.from_pretrained(args.checkpoint)
+    settings = {k: v for k, v in dict(num_steps=args.num_steps, cfg_text_scale=args.cfg_text_scale).items() if v is not None}
+    depth_range = tuple(pipe.depth_range)
+    examples: list = []
+    report = {"checkpoint": str(args.checkpoint), "data": str(args.data), "settings": settings, "datasets": {}}
+    data = Path(args.data)
+    report["datasets"]["synthetic test"] = evaluate_maps(pipe, read_synth(data), settings, depth_range,
+                                                         max_images=args.max_images, examples=examples)
+    if args.nyuv2:
+        report["datasets"]["NYUv2"] = evaluate_maps(pipe, read_nyuv2(args.nyuv2, args.max_images), settings,
+                                                    (1e-3, 10.0), crop=NYU_CROP, desc="nyuv2")
+    if args.ade20k:
+        report["datasets"]["ADE20K"] = evaluate_maps(pipe, read_ade20k(args.ade20k, "validation", args.max_images),
+                                                     settings, depth_range, desc="ade20k")
+    if args.steps_sweep:
+        steps = [int(s) for s in args.steps_sweep.split(",")]
+        samples = list(read_synth(data))[: args.steps_images]
+        report["steps"] = evaluate_steps(pipe, samples, settings, depth_range, steps)
+        plot_steps(report["steps"], out / "steps.png")
+    if args.qa_questions:
+        report["qa"] = evaluate_qa(pipe, data, args.qa_questions, settings)
+    save_examples(examples, out / "examples.png", depth_range)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

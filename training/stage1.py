@@ -1,0 +1,244 @@
+"""Stage 1 of COOPER: auxiliary modality generation (AMG, "BAGEL-PE").
+
+    python -m training.stage1 --config training/configs/stage1_small.yaml [key=value ...]
+    accelerate launch --config_file training/configs/accelerate/fsdp.yaml -m training.stage1 --config ...
+
+Each example is BAGEL's editing sequence (upstream `pretrain_unified_depth.py`):
+    [RGB as clean VAE latents] [RGB as ViT patches] [<depth-estimation>/<segmentation> prompt]
+    [target map as noisy VAE latents x_t]  -> flow-matching MSE on v = eps - x0 at the noisy tokens.
+Timesteps are logit-normal, t = sigmoid(N(0, 1)), then shifted s t / (1 + (s - 1) t). Conditional
+dropout drops the prompt, the ViT copy or the VAE copy per example (CFG training; COOPER used 0).
+The ViT and the autoencoder can be frozen (upstream freezes both). The EMA weights are what ships.
+
+The frozen autoencoder's moments of every image are cached in memory on first use: the encoder then
+runs once per image and flip, and each step only samples from the cached Gaussian.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cooper_model import image_processor as ip
+from cooper_model.autoencoder import FluxAutoencoder
+from cooper_model.checkpoint import load_autoencoder, load_model, save_checkpoint
+from cooper_model.codecs import default_palette
+from cooper_model.config import preset
+from cooper_model.modeling import CooperModel, patchify
+from cooper_model.packing import PackedSequence, forward_packed
+from cooper_model.tokenizer import SpecialTokens, load_tokenizer
+
+from .engine import Trainer, TrainConfig, example_rng, torch_generator
+from .stage1_data import Stage1Dataset
+
+DEFAULTS = dict(
+    data_dir=None,  # split directory with stage1.jsonl
+    init_from=None,  # a release-layout checkpoint to fine-tune (e.g. BAGEL-7B-MoT); else `preset`
+    preset="cooper-small",
+    autoencoder=None,  # directory with ae.safetensors (default: init_from's)
+    tokenizer=None,  # directory with the tokenizer (default: init_from's)
+    class_names=None,  # segmentation classes (default: the data engine's catalogue)
+    depth_kind="metric",
+    timestep_shift=1.0,
+    text_dropout=0.0,
+    vit_dropout=0.0,
+    vae_dropout=0.0,
+    freeze_vit=True,
+    freeze_vae=True,
+    flip=True,
+    export_dir=None,  # write the EMA weights in the release layout here at the end
+    dtype="float32",
+)
+
+
+def logit_normal_t(rng: np.random.Generator, shift: float) -> float:
+    t = 1.0 / (1.0 + math.exp(-rng.standard_normal()))
+    return shift * t / (1 + (shift - 1) * t)
+
+
+class LatentCache:
+    """Moments (mean, logvar) of the frozen encoder per (image key, flip)."""
+
+    def __init__(self, vae: FluxAutoencoder):
+        self.vae = vae
+        self.store: dict = {}
+
+    @torch.no_grad()
+    def moments(self, key, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if key not in self.store:
+            m = self.vae.model.encoder(pixels[None].to(self.vae.dtype))[0]
+            mean, logvar = torch.chunk(m, 2, dim=0)
+            self.store[key] = (mean.to(torch.bfloat16), logvar.clamp(-30, 20).to(torch.bfloat16))
+        mean, logvar = self.store[key]
+        return mean.float(), logvar.float()
+
+    def sample(self, key, pixels, generator) -> torch.Tensor:
+        mean, logvar = self.moments(key, pixels)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
+        c = self.vae.config
+        return c.scale_factor * (z - c.shift_factor)
+
+
+class Stage1Objective(nn.Module):
+    """The loss of one pack; wraps the model so accelerate (DDP / FSDP / DeepSpeed) can wrap it."""
+
+    def __init__(self, model: CooperModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pack: dict) -> dict:
+        out = forward_packed(self.model, pack["seq"])
+        target = pack["target"].to(out["velocity"].device)
+        err = (out["velocity"].float() - target).pow(2).mean(dim=-1)
+        return {"loss_sum": err.sum(), "count": err.numel(), "tokens": float(pack["seq"].length)}
+
+
+class Stage1Batches:
+    """Builds the packed sequences of a step from example indices (all randomness seeded per example)."""
+
+    def __init__(self, dataset: Stage1Dataset, model: CooperModel, vae: FluxAutoencoder, tokenizer, cfg: TrainConfig):
+        self.dataset, self.model, self.cfg = dataset, model, cfg
+        self.x = cfg.extra
+        self.tokens = SpecialTokens.from_tokenizer(tokenizer)
+        self.prompt_ids = {}
+        self.tokenizer = tokenizer
+        self.cache = LatentCache(vae) if self.x["freeze_vae"] else None
+        self.vae = vae
+        c = model.config
+        self.c = c
+
+    def _ids(self, prompt: str) -> list[int]:
+        if prompt not in self.prompt_ids:
+            self.prompt_ids[prompt] = self.tokenizer.encode(prompt, add_special_tokens=False)
+        return self.prompt_ids[prompt]
+
+    def _latent(self, key, pixels, g) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache.sample(key, pixels, g)
+        return self.vae.encode(pixels[None], sample=True, generator=g)[0]
+
+    def example(self, index: int, step: int) -> tuple[PackedSequence, torch.Tensor]:
+        """One example's sequence and its velocity target [n_latent_tokens, 64]."""
+        c, x = self.c, self.x
+        rng = example_rng(self.cfg.seed, step, index)
+        flip = bool(x["flip"]) and rng.random() < 0.5
+        ex = self.dataset.load(index, flip=flip)
+        row = self.dataset.rows[index]
+        g = torch_generator(rng)
+        seq = PackedSequence(self.tokens)
+        drop_vae, drop_vit, drop_text = (rng.random() < x["vae_dropout"], rng.random() < x["vit_dropout"],
+                                         rng.random() < x["text_dropout"])
+        lp = c.latent_patch_size
+        if not drop_vae:
+            seq.add_latent_image(self._latent((row["rgb_image"], flip), ip.to_tensor(ex.rgb), g), lp,
+                                 c.vae.downsample, c.max_latent_size)
+        if not drop_vit:
+            # as the pipeline does: the ViT copy is resized from the VAE-sized image
+            vit = ip.to_tensor(ip.resize(ex.rgb, c.vit_transform))
+            seq.add_vit_image(vit, c.vit.patch_size, c.vit_max_num_patch_per_side)
+        if not drop_text:
+            seq.add_text(self._ids(ex.prompt))
+        x0 = self._latent((row.get("depth_image") or row.get("label_image"), flip), ex.target, g)
+        t = logit_normal_t(rng, x["timestep_shift"])
+        eps = torch.randn(x0.shape, generator=g)
+        seq.add_latent_image((1 - t) * x0 + t * eps, lp, c.vae.downsample, c.max_latent_size, t=t, noisy=True)
+        return seq, patchify(eps - x0, lp)
+
+    def __call__(self, indices: list[int], step: int):
+        """Examples packed in order under the token budget; returns the packs and the loss-token count."""
+        packs, count = [], 0
+        seq, targets = PackedSequence(self.tokens), []
+        for i in indices:
+            one, v = self.example(i, step)
+            if seq.length and seq.length + one.length > self.cfg.max_tokens_per_pack:
+                packs.append({"seq": seq, "target": torch.cat(targets)})
+                seq, targets = PackedSequence(self.tokens), []
+            seq.extend(one)
+            targets.append(v)
+            count += v.shape[0]
+        packs.append({"seq": seq, "target": torch.cat(targets)})
+        return packs, count
+
+
+def build(cfg: TrainConfig):
+    x = {**DEFAULTS, **cfg.extra}
+    unknown = set(cfg.extra) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown stage-1 options {sorted(unknown)}")
+    cfg.extra = x
+    if not x["data_dir"]:
+        raise ValueError("data_dir is required")
+    torch.manual_seed(cfg.seed)
+    if x["init_from"]:
+        model = load_model(x["init_from"], dtype=x["dtype"]).train()
+        config = model.config
+    else:
+        config = preset(x["preset"])
+        model = CooperModel(config)
+        model.language_model.init_moe()
+    from training.data.catalogue import CLASS_NAMES
+
+    if not config.class_names:
+        config.class_names = list(x["class_names"] or CLASS_NAMES)
+        config.palette = default_palette(len(config.class_names)).tolist()
+    config.depth_kind = x["depth_kind"]
+    vae = load_autoencoder(x["autoencoder"] or x["init_from"])
+    tokenizer = load_tokenizer(x["tokenizer"] or x["init_from"])
+    if len(tokenizer) > config.llm.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, the model's vocabulary {config.llm.vocab_size}")
+    for p in vae.parameters():
+        p.requires_grad_(not x["freeze_vae"])
+    if x["freeze_vit"]:
+        for p in model.vit_model.parameters():
+            p.requires_grad_(False)
+    # Stage 1 has no text loss: the LM head takes no part (DDP would flag it unused).
+    model.language_model.lm_head.weight.requires_grad_(False)
+    model.latent_pos_embed.pos_embed.requires_grad_(False)
+    model.vit_pos_embed.pos_embed.requires_grad_(False)
+    dataset = Stage1Dataset(x["data_dir"], config.vae_transform, config.depth_range, np.asarray(config.palette))
+    model.train()
+    return model, vae, tokenizer, dataset
+
+
+def export(model: CooperModel, vae, tokenizer, out: str | Path, dtype="float32", trained: bool = True,
+           card: dict | None = None) -> None:
+    """The release layout (ema.safetensors, ae.safetensors, configs, tokenizer)."""
+    model.config.trained = trained
+    save_checkpoint(out, model, vae, tokenizer, dtype=dtype)
+    if card:
+        (Path(out) / "training_run.json").write_text(json.dumps(card, indent=2) + "\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML of TrainConfig fields and stage-1 options")
+    parser.add_argument("overrides", nargs="*", help="key=value (YAML values), after the file")
+    args = parser.parse_args(argv)
+    cfg = TrainConfig.from_yaml(args.config, args.overrides)
+    model, vae, tokenizer, dataset = build(cfg)
+    trainer = Trainer(cfg, Stage1Objective(model), len(dataset))
+    acc = trainer.accelerator
+    acc.print(f"stage 1: {len(dataset)} examples, {trainer.num_parameters / 1e6:.2f} M trainable parameters, "
+              f"{acc.num_processes} process(es), start at step {trainer.step}")
+    batches = Stage1Batches(dataset, model, vae, tokenizer, cfg)
+    start = time.time()
+    trainer.fit(batches)
+    if cfg.extra["export_dir"] and acc.is_main_process:
+        with trainer.ema.swapped_in():
+            export(trainer.unwrapped.model, vae, tokenizer, cfg.extra["export_dir"],
+                   card={"stage": 1, "steps": cfg.total_steps, "config": cfg.to_dict(),
+                         "seconds_this_process": round(time.time() - start, 1)})
+        acc.print(f"exported EMA weights to {cfg.extra['export_dir']}")
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
+if __name__ == "__main__":
+    main()
