@@ -35,7 +35,7 @@ def random_checkpoint(name: str, out, seed: int = 0, class_names: list[str] | No
     model = CooperModel(config)
     model.language_model.init_moe()  # the generation expert starts as a copy, as upstream
     vae = FluxAutoencoder(config.vae)
-    tokenizer = byte_level_tokenizer() if config.llm.vocab_size < 1024 else None
+    tokenizer = byte_level_tokenizer() if config.llm.vocab_size <= 4096 else None  # small presets
     save_checkpoint(out, model, vae, tokenizer, dtype=dtype)
     return model, vae, tokenizer
 
