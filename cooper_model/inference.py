@@ -202,19 +202,31 @@ class Inferencer:
     # Text generation --------------------------------------------------------------------------
     @torch.no_grad()
     def generate_text(self, ctx: Context, max_new_tokens: int = 500, do_sample: bool = False,
-                      temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None) -> str:
+                      temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+                      trace: dict | None = None) -> str:
         """Upstream `gen_text`: start from <|im_start|> at the next position, stop at <|im_end|>.
-        The context is not changed (callers add the text back, re-tokenised, as upstream does)."""
+        The context is not changed (callers add the text back, re-tokenised, as upstream does).
+        `trace`, if given, receives the kept token ids (<|im_end|> included when it stopped there),
+        their log-probabilities under the distribution sampled from (softmax of logits / temperature,
+        before top-p; temperature 1 when greedy) and whether it stopped at <|im_end|> (RL uses them)."""
         ctx = ctx.copy()
         sequence = [self.tokens.bos]
         current = self.tokens.bos
+        logprobs, finished = [], False
         for step in range(max_new_tokens):
             hidden = self._decode_step(ctx, current)
             logits = self.model.logits(hidden[-1]).float()
             current = self._pick(logits, do_sample, temperature, top_p, generator)
+            if trace is not None:
+                scale = max(temperature, 1e-6) if do_sample else 1.0
+                logprobs.append(float(torch.log_softmax(logits / scale, dim=-1)[current]))
             if current == self.tokens.eos or step == max_new_tokens - 1:
+                finished = current == self.tokens.eos
                 break  # upstream appends a token at the start of the next step, so neither is kept
             sequence.append(current)
+        if trace is not None:
+            ids = sequence[1:] + ([self.tokens.eos] if finished else [])
+            trace.update(ids=ids, logprobs=logprobs[:len(ids)], finished=finished)
         text = self.tokenizer.decode(sequence, skip_special_tokens=False)
         return text.split("<|im_end|>")[0].split("<|im_start|>")[1]
 

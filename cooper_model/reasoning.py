@@ -42,6 +42,7 @@ class ReasoningResult:
     images: list[tuple[str, np.ndarray]] = field(default_factory=list)
     answer: str = ""
     timings: dict = field(default_factory=dict)
+    generated: list[dict] = field(default_factory=list)  # per turn, with record_tokens: sampled ids, log-probs
 
 
 def extract_boxed(text: str) -> str | None:
@@ -62,8 +63,10 @@ def extract_boxed(text: str) -> str | None:
 
 class Reasoner:
     def __init__(self, inferencer: Inferencer, image_settings: ImageGenerationSettings, text_settings: TextSettings,
-                 generator: torch.Generator | None = None, transforms=(None, None), on_event=None):
+                 generator: torch.Generator | None = None, transforms=(None, None), on_event=None,
+                 record_tokens: bool = False):
         self.inf = inferencer
+        self.record_tokens = record_tokens  # RL: keep each turn's sampled token ids and log-probs
         self.on_event = on_event or (lambda kind, value: None)
         self.transforms = transforms
         self.image_settings = image_settings
@@ -79,8 +82,12 @@ class Reasoner:
 
     def _gen_text(self, ctx: Context) -> str:
         s = self.text_settings
-        return self._timed("text_generation", self.inf.generate_text, ctx, s.max_new_tokens, s.do_sample,
-                           s.temperature, s.top_p, self.generator)
+        trace = {"trace": {}} if self.record_tokens else {}  # only passed when recording
+        text = self._timed("text_generation", self.inf.generate_text, ctx, s.max_new_tokens, s.do_sample,
+                           s.temperature, s.top_p, self.generator, **trace)
+        if trace:
+            self.result.generated.append(trace["trace"])
+        return text
 
     def _turn(self, text: str) -> None:
         self.result.turns.append(text)
