@@ -73,7 +73,8 @@ class LatentCache:
     @torch.no_grad()
     def moments(self, key, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if key not in self.store:
-            m = self.vae.model.encoder(pixels[None].to(self.vae.dtype))[0]
+            weight = self.vae.model.encoder.conv_in.weight  # moments are kept on the CPU, wherever the encoder runs
+            m = self.vae.model.encoder(pixels[None].to(weight.device, weight.dtype))[0].float().cpu()
             mean, logvar = torch.chunk(m, 2, dim=0)
             self.store[key] = (mean.to(torch.bfloat16), logvar.clamp(-30, 20).to(torch.bfloat16))
         mean, logvar = self.store[key]

@@ -1,0 +1,281 @@
+"""Stage 2a of COOPER: supervised fine-tuning on interleaved reasoning traces.
+
+    python -m training.sft --config training/configs/sft_small.yaml [key=value ...]
+    accelerate launch --config_file training/configs/accelerate/fsdp.yaml -m training.sft --config CFG \
+        init_from=runs/stage1/export data_dir=/data/COOPER_reasoning_train_set lr=5e-6 total_steps=600
+
+A row of `Interleaved_SFT.jsonl` is a conversation: the input image, the question, the model's
+turns (`need_loss: "true"`), the maps it asked for and the reflection prompt. The loss is the
+next-token cross-entropy on the model's turns only (each turn's tokens after <|im_start|>, and its
+<|im_end|>); the system prompt, question, reflection prompt and images are context.
+
+The sequence is the one the inference loop builds (`cooper_model.reasoning.Reasoner`, mode
+`interleave`): system prompt, input image as VAE latents then ViT patches, question, turn,
+map as ViT patches only, reflection prompt, next turn, ... with the same <|im_start|>/<|im_end|>
+wrapping, image resizing and RoPE positions; `tests/test_training_sft.py` checks token ids,
+positions, attention splits and logits against the Reasoner's own contexts. Upstream's SFT
+dataset (`interleave_reason.py`) gives the fed-back maps VAE and ViT copies while its inference
+loop feeds them back as ViT only; `map_vae: true` reproduces upstream's training sequence, the
+default trains on what inference shows. `InterleavedSequenceBuilder` is shared with GRPO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from cooper_model import image_processor as ip
+from cooper_model import prompts
+from cooper_model.checkpoint import load_autoencoder, load_model
+from cooper_model.inference import Inferencer
+from cooper_model.packing import PackedSequence, forward_packed
+from cooper_model.tokenizer import load_tokenizer
+
+from .engine import Trainer, TrainConfig, example_rng, torch_generator
+from .stage1 import LatentCache, export
+
+DEFAULTS = dict(
+    data_dir=None,  # directory with Interleaved_SFT.jsonl
+    init_from=None,  # the stage-1 checkpoint (release layout)
+    autoencoder=None,  # default: init_from's
+    tokenizer=None,  # default: init_from's
+    freeze_vit=True,  # upstream freezes the ViT (and the autoencoder, always frozen here)
+    map_vae=False,  # also give fed-back maps a VAE copy (upstream's SFT sequence; not what inference does)
+    export_dir=None,
+    export_weights="ema",  # ema | live: which weights export_dir receives
+    dtype="float32",
+)
+
+
+# ---- the interleaved sequence ------------------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    """One entry of an interleaved conversation."""
+
+    kind: str  # "text" | "image"
+    value: object  # str, or an image (PIL or uint8 HxWx3)
+    loss: bool = False  # text the model generated: a training target
+    eos_label: bool = True  # whether <|im_end|> is a target too (not for a turn cut at the token limit)
+
+
+def decode_image(value: str) -> Image.Image:
+    if "base64," in value:  # data-URL prefix, as COOPER's loader tolerates
+        value = value.split("base64,")[1]
+    return Image.open(io.BytesIO(base64.b64decode(value, validate=True))).convert("RGB")
+
+
+def row_items(row: dict) -> list[Item]:
+    """An `Interleaved_SFT.jsonl` row as items; malformed rows are a clear error naming the row."""
+    name = row.get("data_id", "?")
+    entries = row.get("interleaved_reason")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"SFT row {name}: no interleaved_reason list")
+    items = []
+    for k, entry in enumerate(entries):
+        kind, value = entry.get("type"), entry.get("value")
+        need_loss = entry.get("need_loss", "false")
+        loss = need_loss is True or str(need_loss).lower() == "true"
+        if kind == "text" and isinstance(value, str):
+            items.append(Item("text", value, loss=loss))
+        elif kind == "image" and isinstance(value, str):
+            try:
+                items.append(Item("image", decode_image(value)))
+            except Exception as e:
+                raise ValueError(f"SFT row {name}, item {k}: not a base64 image ({e})") from e
+        else:
+            raise ValueError(f"SFT row {name}, item {k}: type must be text or image with a string value")
+    if not any(i.kind == "image" for i in items):
+        raise ValueError(f"SFT row {name}: no input image")
+    if not any(i.loss for i in items):
+        raise ValueError(f"SFT row {name}: no text with need_loss true, nothing to train on")
+    return items
+
+
+class InterleavedSequenceBuilder:
+    """Packs a conversation as `Reasoner._interleave` puts it into its main context. The first
+    image is the input (VAE latents, then ViT patches of the VAE-sized image, as
+    `Inferencer.add_image`); later images are fed-back maps (ViT only unless `map_vae`), resized
+    to the VAE size first as `Reasoner._feed_back` does."""
+
+    def __init__(self, inferencer: Inferencer, system_prompt: str | None = prompts.INTERLEAVE_REASON_SYSTEM_PROMPT,
+                 map_vae: bool = False, transforms=(None, None)):
+        self.inf = inferencer
+        self.system_prompt = system_prompt
+        self.map_vae = map_vae
+        ctx = inferencer.new_context(*transforms)
+        self.vae_transform, self.vit_transform = ctx.vae_transform, ctx.vit_transform
+        self._ids: dict[str, list[int]] = {}
+
+    def ids(self, text: str) -> list[int]:
+        if text not in self._ids:  # prompts repeat in every example
+            if len(self._ids) > 4096:
+                self._ids.clear()
+            self._ids[text] = self.inf.encode_text(text)
+        return self._ids[text]
+
+    def build(self, items: list[Item], latent_fn) -> tuple[PackedSequence, list[tuple[int, int]]]:
+        """`latent_fn(pixels, k)` gives the scaled VAE latent [C, h, w] of item k's pixels [3, H, W]
+        in [-1, 1]. Returns the sequence and, per loss text item, its slice of `seq.label_ids`."""
+        c = self.inf.config
+        seq = PackedSequence(self.inf.tokens)
+        spans = []
+        if self.system_prompt is not None:
+            seq.add_text(self.ids(self.system_prompt))
+        seen_image = False
+        for k, item in enumerate(items):
+            if item.kind == "text":
+                start = len(seq.label_ids)
+                seq.add_text(self.ids(item.value), loss=item.loss)
+                if item.loss:
+                    if not item.eos_label:
+                        seq.label_ids.pop()
+                        seq.label_index.pop()
+                    spans.append((start, len(seq.label_ids)))
+                continue
+            image = ip.resize(ip.as_pil_rgb(item.value), self.vae_transform)
+            if not seen_image or self.map_vae:
+                latent = latent_fn(ip.to_tensor(image), k)
+                p = c.latent_patch_size
+                latent = latent[:, : latent.shape[1] // p * p, : latent.shape[2] // p * p]
+                seq.add_latent_image(latent, p, c.vae.downsample, c.max_latent_size)
+            seq.add_vit_image(ip.to_tensor(ip.resize(image, self.vit_transform)), c.vit.patch_size,
+                              c.vit_max_num_patch_per_side)
+            seen_image = True
+        return seq, spans
+
+
+# ---- training ------------------------------------------------------------------------------------------
+
+
+class SFTObjective(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pack: dict) -> dict:
+        out = forward_packed(self.model, pack["seq"])
+        loss = F.cross_entropy(out["logits"].float(), out["labels"], reduction="sum")
+        return {"loss_sum": loss, "count": out["labels"].numel(), "tokens": float(pack["seq"].length)}
+
+
+def read_rows(data_dir: str | Path) -> list[dict]:
+    path = Path(data_dir) / "Interleaved_SFT.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no SFT traces")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        raise ValueError(f"{path}: empty")
+    return rows
+
+
+class SFTBatches:
+    def __init__(self, rows: list[dict], builder: InterleavedSequenceBuilder, vae, cfg: TrainConfig):
+        self.rows, self.builder, self.cfg = rows, builder, cfg
+        self.cache = LatentCache(vae)  # each image is encoded once; every use samples the posterior
+
+    def example(self, index: int, step: int) -> PackedSequence:
+        g = torch_generator(example_rng(self.cfg.seed, step, index))
+        items = row_items(self.rows[index])
+        seq, _ = self.builder.build(items, lambda pixels, k: self.cache.sample((index, k), pixels, g))
+        return seq
+
+    def __call__(self, indices: list[int], step: int):
+        packs, count, seq = [], 0, None
+        for i in indices:
+            one = self.example(i, step)
+            if seq is not None and seq.length + one.length > self.cfg.max_tokens_per_pack:
+                packs.append({"seq": seq})
+                seq = None
+            if seq is None:
+                seq = PackedSequence(one.tokens)
+            seq.extend(one)
+            count += len(one.label_ids)
+        packs.append({"seq": seq})
+        return packs, count
+
+
+def load_stage2(x: dict):
+    """Model, autoencoder and tokenizer of a stage-2 run, with the frozen parts frozen."""
+    if not x["init_from"]:
+        raise ValueError("init_from is required: stage 2 starts from a stage-1 checkpoint")
+    model = load_model(x["init_from"], dtype=x["dtype"])
+    vae = load_autoencoder(x["autoencoder"] or x["init_from"])
+    tokenizer = load_tokenizer(x["tokenizer"] or x["init_from"])
+    if len(tokenizer) > model.config.llm.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, the model's vocabulary {model.config.llm.vocab_size}")
+    vae.requires_grad_(False)
+    vae.eval()
+    if x["freeze_vit"]:
+        model.vit_model.requires_grad_(False)
+    # fixed sin-cos tables; the velocity head takes no part in a text loss
+    model.latent_pos_embed.pos_embed.requires_grad_(False)
+    model.vit_pos_embed.pos_embed.requires_grad_(False)
+    model.llm2vae.requires_grad_(False)
+    model.train()
+    return model, vae, tokenizer
+
+
+def options(cfg: TrainConfig, defaults: dict, what: str) -> dict:
+    unknown = set(cfg.extra) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown {what} options {sorted(unknown)}")
+    cfg.extra = {**defaults, **cfg.extra}
+    if cfg.extra["export_weights"] not in ("ema", "live"):
+        raise ValueError("export_weights must be ema or live")
+    return cfg.extra
+
+
+def export_run(trainer: Trainer, vae, tokenizer, x: dict, card: dict) -> None:
+    """The chosen weights (EMA or live) in the release layout."""
+    model = trainer.unwrapped.model
+    if x["export_weights"] == "ema":
+        with trainer.ema.swapped_in():
+            export(model, vae, tokenizer, x["export_dir"], card=card)
+    else:
+        export(model, vae, tokenizer, x["export_dir"], card=card)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML of TrainConfig fields and SFT options")
+    parser.add_argument("overrides", nargs="*", help="key=value (YAML values), after the file")
+    args = parser.parse_args(argv)
+    cfg = TrainConfig.from_yaml(args.config, args.overrides)
+    x = options(cfg, DEFAULTS, "SFT")
+    if not x["data_dir"]:
+        raise ValueError("data_dir is required")
+    torch.manual_seed(cfg.seed)
+    rows = read_rows(x["data_dir"])
+    for row in rows[:16]:  # fail on a malformed file now, not hours into the run
+        row_items(row)
+    model, vae, tokenizer = load_stage2(x)
+    trainer = Trainer(cfg, SFTObjective(model), len(rows))
+    acc = trainer.accelerator
+    acc.print(f"SFT: {len(rows)} traces, {trainer.num_parameters / 1e6:.2f} M trainable parameters, "
+              f"{acc.num_processes} process(es), start at step {trainer.step}")
+    builder = InterleavedSequenceBuilder(Inferencer(model, vae, tokenizer), map_vae=x["map_vae"])
+    start = time.time()
+    trainer.fit(SFTBatches(rows, builder, vae, cfg))
+    if x["export_dir"] and acc.is_main_process:
+        export_run(trainer, vae, tokenizer, x, {"stage": "2a-sft", "steps": cfg.total_steps, "config": cfg.to_dict(),
+                                                "seconds_this_process": round(time.time() - start, 1)})
+        acc.print(f"exported {x['export_weights']} weights to {x['export_dir']}")
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
+if __name__ == "__main__":
+    main()
