@@ -66,6 +66,9 @@ def test_sft_traces_follow_cooper_schema(dataset):
         q = next(q for q in sample.questions if q["qid"] == r["data_id"])
         assert tool == TOOL[q["category"]]
         assert score(q, last)  # the trace's boxed answer is the ground truth
+        for item in items[2:]:  # metres read off a map: to 0.05 m, or two significant figures
+            for x in re.findall(r"(\d+(?:\.\d+)?) m\b", item["value"] if item["type"] == "text" else ""):
+                assert abs(float(x) * 20 - round(float(x) * 20)) < 1e-6 or len(x.replace(".", "").lstrip("0")) <= 2, x
         if q["category"] == "closer":  # and its reasoning agrees with it
             assert f"so the {q['answer_text']} is nearer" in last
         if tool is None:
@@ -91,12 +94,13 @@ def test_rl_rows_and_stage1_targets(dataset):
         assert (root / r["image"]).exists()
     for r in _rows(root / "stage1.jsonl"):
         if r["task"] == "depth":
-            raw = np.asarray(Image.open(root / r["depth_image"])).astype(np.float32) / r["depth_scale"]
-            target = np.asarray(Image.open(root / r["depth_target"]))
-            codec = DepthCodec(*r["depth_range"])
-            valid = (raw > 0) & (raw < r["depth_range"][1])
-            step = (r["depth_range"][1] - r["depth_range"][0]) / 255
-            assert np.abs(codec.decode(target)[valid] - raw[valid]).max() <= step / 2 + 1e-3
+            # The trainer computes the float target from depth_image / depth_scale over depth_range:
+            # millimetres, where the old 8-bit target had 3.9 cm levels. No 8-bit target is written.
+            assert "depth_target" not in r and not (root / r["depth_image"]).with_name("depth_target.png").exists()
+            png = np.asarray(Image.open(root / r["depth_image"]))
+            assert png.dtype == np.uint16 and r["depth_scale"] == 1000.0
+            target = DepthCodec(*r["depth_range"]).normalize(np.where(png > 0, png / r["depth_scale"], np.nan))
+            assert target.dtype == np.float32 and len(np.unique(target[png > 0])) > 256
         else:
             labels = np.asarray(Image.open(root / r["label_image"]))
             assert np.array_equal(SEG_CODEC.decode(np.asarray(Image.open(root / r["seg_image"]))), labels)

@@ -18,10 +18,16 @@ Definitions (these are what the answers mean, and what the evaluator checks):
 Balance: `make` picks, slot by slot, the category asked least so far in the scene (`tally`,
 shared by a scene's views; views where a category was unanswerable count in its favour, and pair
 relations win ties, being only sometimes answerable), at most
-`MAX_PER_VIEW` per category per view, never repeating a category's object(s) within a view. Yes/no
-answers and the relation words go to whichever is behind in the tally; choice options are shuffled,
-with the correct one on the letter least used so far by questions with as many options (ties at
-random), so the letters are uniform over a question's options (two-option questions: A or B).
+`MAX_PER_VIEW` per category per view (counting once), never repeating a category's object(s) within a view. The
+relation words go to whichever is behind in the tally; choice options are shuffled, with the
+correct one on the letter least used so far by questions with as many options (ties at random), so
+the letters are uniform over a question's options (two-option questions: A or B).
+Blindness: nothing in the text and options alone predicts the answer (`baselines.py` measures it).
+Numeric distractors are drawn from the prior of the truth given the classes named
+(`priors.py`), so the options are exchangeable and the truth is at a uniformly random rank
+(`_exchangeable_options`); closer / front_behind pairs and existence classes are kept with
+probabilities that make each class's answers even. Numeric-category rows record the true
+`value` in either form.
 Numeric answers are scored correct within a relative error of `RELATIVE_TOLERANCE` (25%, the
 usual "within a factor" band for metric estimates from one image); counts must be exact. Each
 question records its tolerance.
@@ -29,6 +35,7 @@ question records its tolerance.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 
@@ -36,6 +43,7 @@ import numpy as np
 
 from .catalogue import PLURAL
 from .geometry import box_corners, project
+from .priors import Priors, default_priors
 from .schema import ObjectAnnotation, Sample
 
 RELATIVE_TOLERANCE = 0.25
@@ -48,6 +56,9 @@ TOOL = {"distance_camera": "depth", "distance_objects": "depth", "closer": "dept
         "left_right": None, "above_below": None}
 LETTERS = "ABCD"
 MAX_PER_VIEW = 2
+# Counting picks its class by weight (see counting_weights), so a second counting question in a
+# view would come from another distribution than the prior its distractors are drawn from.
+ONCE_PER_VIEW = ("counting",)
 SEPARATION_M = 0.02  # gap between boxes along a relation's axis
 CONTACT_M = 0.01  # resting contact: the physics penetration bound of the scene tests
 PAIR_FIRST = ("above_below", "front_behind", "left_right", "closer", "distance_objects")
@@ -88,6 +99,21 @@ PHRASES = {
 RELATION_WORDS = {"left_right": ("left", "right"), "above_below": ("above", "below"),
                   "front_behind": ("in front", "behind")}
 UNIT_SUFFIX = " Answer in metres."
+DRAWS = 5  # prior draws a multiple-choice question starts from, beside the truth
+# Options of a numeric choice at least this far apart (ratio), so that a value within the numeric
+# tolerance of one option is far from the others.
+OPTION_RATIO = 1 + 1.5 * RELATIVE_TOLERANCE
+
+
+def object_value(category: str, o: ObjectAnnotation) -> float:
+    """The answer of a single-object numeric question (definitions at the top of this module)."""
+    if category == "distance_camera":
+        return float(np.linalg.norm(o.centre))
+    return float(max(o.size)) if category == "size" else float(o.height)
+
+
+def pair_value(a: ObjectAnnotation, b: ObjectAnnotation) -> float:
+    return float(np.linalg.norm(np.subtract(a.centre, b.centre)))
 
 
 class QuestionMaker:
@@ -97,8 +123,9 @@ class QuestionMaker:
     Counter for every view of a scene so that the scene's questions are balanced as a whole."""
 
     def __init__(self, sample: Sample, rng: np.random.Generator, min_pixels: int | None = None,
-                 tally: Counter | None = None):
+                 tally: Counter | None = None, priors: Priors | None = None):
         self.s, self.rng = sample, rng
+        self.priors = priors if priors is not None else default_priors()
         self.tally = tally if tally is not None else Counter()
         h, w = sample.rgb.shape[:2]
         self.min_pixels = min_pixels if min_pixels is not None else max(40, int(0.0015 * h * w))
@@ -147,27 +174,43 @@ class QuestionMaker:
         objs = [o for o in self.objs if self._fresh(category, [o.instance_id])]
         return self._pick(objs) if objs else None
 
-    def _numeric(self, category, text, value, objects, unit="m"):
-        q = {"category": category, "objects": objects, "tool": TOOL[category]}
+    def _numeric(self, category, text, value, objects, classes):
+        """Multiple choice where the prior yields options (one try, see below), else numeric."""
+        q = {"category": category, "objects": objects, "tool": TOOL[category], "value": round(float(value), 4)}
         value = round(float(value), 2)
-        if self.rng.random() < 0.5:
-            q.update(form="numeric", question=text + UNIT_SUFFIX, answer=value, unit=unit,
+        options = self._exchangeable_options(category, classes, value)
+        if options is None:
+            q.update(form="numeric", question=text + UNIT_SUFFIX, answer=value, unit="m",
                      tolerance={"relative": RELATIVE_TOLERANCE})
             return q
-        options = self._numeric_options(value)
         return self._choice(q, text, [f"{v:.2f} m" for v in options], 0)
 
-    def _numeric_options(self, value):
-        """Correct value plus three distractors, each outside the tolerance band of the others."""
-        factors = self.rng.permutation([0.3, 0.55, 1.6, 2.6, 4.0])
-        opts = [value]
-        for f in factors:
-            v = round(value * f, 2)
-            if v > 0 and all(abs(v - o) > 1.5 * RELATIVE_TOLERANCE * min(v, o) for o in opts):
-                opts.append(v)
-            if len(opts) == 4:
-                break
-        return opts
+    def _exchangeable_options(self, category, classes, truth, count=False):
+        """The truth and distractors drawn from the same prior, or None (ask it numerically).
+
+        DRAWS values come from the prior of the truth given what the text names; with the truth
+        they are exchangeable. An options set is chosen from all of them by a rule blind to which
+        one is the truth (sorted, ties in random order, each kept if OPTION_RATIO above the last
+        kept, or for counts above it at all; then at most four at random), and the question is
+        multiple choice only if the truth was chosen. Given the options, every one is then equally
+        likely to be the truth, whatever one knows about objects of those classes."""
+        draws = (self.priors.sample_counts(classes[0], DRAWS, self.rng) if count
+                 else self.priors.sample_values(category, classes, DRAWS, self.rng))
+        if draws is None:
+            return None
+        values = np.concatenate([[truth], np.round(draws, 0 if count else 2)])
+        order = self.rng.permutation(len(values))
+        order = order[np.argsort(values[order], kind="stable")]
+        kept = [order[0]]
+        for i in order[1:]:
+            if (values[i] >= values[kept[-1]] + 1) if count else (values[i] >= values[kept[-1]] * OPTION_RATIO):
+                kept.append(i)
+        if len(kept) > len(LETTERS):
+            kept = list(self.rng.choice(kept, len(LETTERS), replace=False))
+        if 0 not in kept or len(kept) < 2:
+            return None
+        # Truth first, as _choice expects; the distractors' order and the letters are random there.
+        return [truth] + [values[i].item() for i in kept if i != 0]
 
     def _choice(self, q, text, options, correct_index):
         """Options shuffled so that the correct one lands on the letter that questions with this
@@ -183,51 +226,96 @@ class QuestionMaker:
                  answer_text=options[LETTERS.index(letter)], tolerance={"exact": True})
         return q
 
+    def object_pairs(self):
+        """Unordered pairs of referable objects (the candidates of distance_objects)."""
+        return [(a, b) for i, a in enumerate(self.objs) for b in self.objs[i + 1:]]
+
     def _pair(self, category, accept):
         pairs = [(a, b) for a in self.objs for b in self.objs
                  if a is not b and self._fresh(category, [a.instance_id, b.instance_id]) and accept(a, b)]
         return self._pick(pairs) if pairs else None
 
     # ---- categories ----------------------------------------------------------------------------
-    def distance_camera(self):
-        o = self._single("distance_camera")
+    def _single_numeric(self, category):
+        o = self._single(category)
         if o is None:
             return None
-        return self._numeric("distance_camera", self._phrase("distance_camera", a=o.label),
-                             np.linalg.norm(o.centre), [o.instance_id])
+        return self._numeric(category, self._phrase(category, a=o.label), object_value(category, o),
+                             [o.instance_id], [o.class_name])
 
-    def distance_objects(self):
-        pair = self._pair("distance_objects", lambda a, b: True)
-        if pair is None:
-            return None
-        a, b = pair
-        return self._numeric("distance_objects", self._phrase("distance_objects", a=a.label, b=b.label),
-                             np.linalg.norm(np.subtract(a.centre, b.centre)), [a.instance_id, b.instance_id])
+    def distance_camera(self):
+        return self._single_numeric("distance_camera")
 
     def size(self):
-        o = self._single("size")
-        if o is None:
-            return None
-        return self._numeric("size", self._phrase("size", a=o.label), max(o.size), [o.instance_id])
+        return self._single_numeric("size")
 
     def height(self):
-        o = self._single("height")
-        if o is None:
+        return self._single_numeric("height")
+
+    def distance_objects(self):
+        pairs = [(a, b) for a, b in self.object_pairs() if self._fresh("distance_objects", [a.instance_id, b.instance_id])]
+        if not pairs:
             return None
-        return self._numeric("height", self._phrase("height", a=o.label), o.height, [o.instance_id])
+        a, b = pairs[self.rng.integers(len(pairs))]
+        if self.rng.random() < 0.5:
+            a, b = b, a
+        return self._numeric("distance_objects", self._phrase("distance_objects", a=a.label, b=b.label),
+                             pair_value(a, b), [a.instance_id, b.instance_id], [a.class_name, b.class_name])
 
     def _separated(self, coord, a, b) -> bool:
         """a's box lies entirely before b's along `coord(corners)`, with a clear gap."""
         return coord(self._corners(a)).max() < coord(self._corners(b)).min() - SEPARATION_M
 
-    def _relation(self, category, before):
-        """A question about a pair with `before(a, b)` true; positive = a before b."""
-        pair = self._pair(category, lambda a, b: before(a, b) or before(b, a))
+    def _before(self, category):
+        """The relation of a category as before(a, b) (positive word = a before b)."""
+        if category == "left_right":
+            def left_of(a, b):
+                ua, ub = project(np.array([a.centre, b.centre]), self.s.intrinsics)[:, 0]
+                return ua < ub and self._separated(lambda c: c[:, 0], a, b)
+            return left_of
+        if category == "above_below":
+            return lambda a, b: self._separated(lambda c: -(c @ self.up_cam), a, b) or self._rests_on(a, b)
+        return lambda a, b: self._separated(lambda c: c[:, 2], a, b)  # front_behind: a nearer
+
+    def ordered_pairs(self, category, fresh=False):
+        """Candidate pairs of a nearness category as (nearer, farther): front_behind = separated
+        in depth, closer = centre distances differing by >= 15%."""
+        out = []
+        for a, b in self.object_pairs():
+            if fresh and not self._fresh(category, [a.instance_id, b.instance_id]):
+                continue
+            if category == "closer":
+                da, db = np.linalg.norm(a.centre), np.linalg.norm(b.centre)
+                if da * 1.15 < db or db * 1.15 < da:
+                    out.append((a, b) if da < db else (b, a))
+            else:
+                before = self._before(category)
+                if before(a, b) or before(b, a):
+                    out.append((a, b) if before(a, b) else (b, a))
+        return out
+
+    def _class_balanced(self, category, pairs):
+        """One (nearer, farther) pair, tried in random order and kept with probability
+        min(1, exp(s[farther] - s[nearer])) under the prior's Bradley-Terry scores, so that over a
+        split each class is the nearer one as often as the farther one (cameras aim at small
+        objects on furniture, which would otherwise make "the mug" the likely answer)."""
+        s = self.priors.nearness.get(category, {})
+        for k in self.rng.permutation(len(pairs)):
+            n, f = pairs[k]
+            if self.rng.random() < min(1.0, math.exp(s.get(f.class_name, 0.0) - s.get(n.class_name, 0.0))):
+                return pairs[k]
+        return None
+
+    def _relation(self, category):
+        """A question about a pair with before(a, b) true; positive = a before b."""
+        if category == "front_behind":
+            pair = self._class_balanced(category, self.ordered_pairs(category, fresh=True))
+        else:
+            before = self._before(category)
+            pair = self._pair(category, lambda a, b: before(a, b))
         if pair is None:
             return None
         a, b = pair
-        if not before(a, b):
-            a, b = b, a
         # Ask it whichever way round gives the answer word this scene has used least.
         correct = self._lagging(category, RELATION_WORDS[category])
         if correct == 1:
@@ -237,10 +325,7 @@ class QuestionMaker:
                             list(RELATION_WORDS[category]), correct)
 
     def left_right(self):
-        def left_of(a, b):
-            ua, ub = project(np.array([a.centre, b.centre]), self.s.intrinsics)[:, 0]
-            return ua < ub and self._separated(lambda c: c[:, 0], a, b)
-        return self._relation("left_right", left_of)
+        return self._relation("left_right")
 
     def _heights(self, o: ObjectAnnotation) -> np.ndarray:
         return self._corners(o) @ self.up_cam  # heights along gravity, up to a common offset
@@ -258,68 +343,85 @@ class QuestionMaker:
         return bool(np.all(np.abs(local[:2]) <= np.asarray(b.size[:2]) / 2))
 
     def above_below(self):
-        def above(a, b):
-            return self._separated(lambda c: -(c @ self.up_cam), a, b) or self._rests_on(a, b)
-        return self._relation("above_below", above)
+        return self._relation("above_below")
 
     def front_behind(self):
-        return self._relation("front_behind", lambda a, b: self._separated(lambda c: c[:, 2], a, b))
+        return self._relation("front_behind")
 
     def closer(self):
-        def clear(a, b):
-            da, db = np.linalg.norm(a.centre), np.linalg.norm(b.centre)
-            return da * 1.15 < db or db * 1.15 < da
-        pair = self._pair("closer", clear)
+        pair = self._class_balanced("closer", self.ordered_pairs("closer", fresh=True))
         if pair is None:
             return None
-        a, b = pair
-        first, second, correct = (a, b, 0) if self.rng.random() < 0.5 else (b, a, 1)
-        q = {"category": "closer", "objects": [a.instance_id, b.instance_id], "tool": TOOL["closer"]}
-        nearer = 0 if np.linalg.norm(first.centre) < np.linalg.norm(second.centre) else 1
+        nearer, farther = pair
+        first, second, correct = (nearer, farther, 0) if self.rng.random() < 0.5 else (farther, nearer, 1)
+        q = {"category": "closer", "objects": [first.instance_id, second.instance_id], "tool": TOOL["closer"]}
         return self._choice(q, self._phrase("closer", a=first.label, b=second.label),
-                            [first.label, second.label], nearer)
+                            [first.label, second.label], correct)
 
-    def _class_counts(self):
+    def class_counts(self):
+        """Visible instances per class, for the classes counting / existence may ask about."""
         counts: dict[str, int] = {}
         for o in self.s.objects:
             if o.pixels >= self.min_pixels:
                 counts[o.class_name] = counts.get(o.class_name, 0) + 1
         return {c: n for c, n in counts.items() if c not in self.classes_ambiguous}
 
+    @staticmethod
+    def counting_weights(counts: dict[str, int]) -> dict[str, float]:
+        """Chance that counting asks about each class: classes seen more than once get 70%
+        between them, so "1" does not dominate the answers."""
+        classes = sorted(counts)
+        multi = [c for c in classes if counts[c] > 1]
+        if not multi:
+            return {c: 1 / len(classes) for c in classes}
+        return {c: 0.3 / len(classes) + (0.7 / len(multi) if c in multi else 0.0) for c in classes}
+
     def counting(self):
-        counts = {c: n for c, n in self._class_counts().items() if self._fresh("counting", class_name=c)}
+        counts = {c: n for c, n in self.class_counts().items() if self._fresh("counting", class_name=c)}
         if not counts:
             return None
-        multi = [c for c, n in counts.items() if n > 1]
-        # Prefer classes seen more than once, so "1" does not dominate the answers.
-        cls = self._pick(multi if multi and self.rng.random() < 0.7 else sorted(counts))
+        weights = self.counting_weights(counts)
+        classes = list(weights)
+        cls = classes[self.rng.choice(len(classes), p=np.array(list(weights.values())))]
         q = {"category": "counting", "objects": [o.instance_id for o in self.s.objects
                                                  if o.class_name == cls and o.pixels > 0],
-             "tool": TOOL["counting"], "class_name": cls}
+             "tool": TOOL["counting"], "class_name": cls, "value": counts[cls]}
         text = self._phrase("counting", p=PLURAL[cls])
         n = counts[cls]
-        if self.rng.random() < 0.5:
+        options = self._exchangeable_options("counting", [cls], n, count=True)
+        if options is None:
             q.update(form="numeric", question=text, answer=n, unit=None, tolerance={"exact": True})
             return q
-        options = [n] + [int(v) for v in self.rng.permutation([m for m in range(max(0, n - 3), n + 4) if m != n])[:3]]
-        return self._choice(q, text, [str(v) for v in options], 0)
+        return self._choice(q, text, [str(int(v)) for v in options], 0)
+
+    def existence_status(self) -> dict[str, bool]:
+        """Classes an existence question may ask about: True if present, False if absent (a
+        barely visible class is neither, so every answer is unambiguous)."""
+        present = set(self.class_counts())
+        seen = {o.class_name for o in self.s.objects if o.pixels > 0}
+        names = [n for n in self.s.class_names or [] if n not in ("background", "floor", "wall")]
+        status = {c: True for c in present}
+        status.update({c: False for c in names if c not in seen and c not in self.classes_ambiguous})
+        return status
 
     def existence(self):
-        present = sorted(c for c in self._class_counts() if self._fresh("existence", class_name=c))
-        absent = sorted({n for n in self.s.class_names or [] if n not in ("background", "floor", "wall")}
-                        - {o.class_name for o in self.s.objects if o.pixels > 0} - self.classes_ambiguous
-                        - {k[2] for k in self.used if k[0] == "existence"})
-        want_yes = self._lagging("existence", ("yes", "no")) == 0
-        if not (present if want_yes else absent):
-            want_yes = not want_yes
-        pool = present if want_yes else absent
-        if not pool:
-            return None
-        cls = self._pick(pool)
-        return {"category": "existence", "objects": [o.instance_id for o in self.s.objects
-                                                     if o.class_name == cls and o.pixels > 0],
-                "tool": TOOL["existence"], "class_name": cls, "form": "yesno", "question": self._phrase("existence", c=cls),
-                "answer": "yes" if want_yes else "no", "tolerance": {"exact": True}}
+        """A class drawn from those askable, kept with a probability that makes yes and no equally
+        likely for every class over a split: present classes are kept with
+        min(1, (1 - p) / p), absent ones with min(1, p / (1 - p)), p = the prior's presence."""
+        asked = {k[2] for k in self.used if k[0] == "existence"}
+        status = {c: v for c, v in sorted(self.existence_status().items()) if c not in asked}
+        classes = list(status)
+        for k in self.rng.permutation(len(classes)):
+            cls = classes[k]
+            p = min(max(self.priors.presence.get(cls, 0.5), 1e-3), 1 - 1e-3)
+            keep = min(1.0, (1 - p) / p) if status[cls] else min(1.0, p / (1 - p))
+            if self.rng.random() < keep:
+                return {"category": "existence", "objects": [o.instance_id for o in self.s.objects
+                                                             if o.class_name == cls and o.pixels > 0],
+                        "tool": TOOL["existence"], "class_name": cls, "form": "yesno",
+                        "question": self._phrase("existence", c=cls),
+                        "answer": "yes" if status[cls] else "no", "tolerance": {"exact": True}}
+        return None
 
     def make(self, n: int) -> list[dict]:
         """Up to n distinct questions, balanced across categories, then across answers.
@@ -328,14 +430,15 @@ class QuestionMaker:
         less one for every earlier view in which it was not answerable at all (so a category that
         needs a particular configuration, like above/below, catches up when it can be asked), ties
         going to pair relations (only sometimes answerable, while single-object questions almost
-        always are) and then at random; a category is asked at most MAX_PER_VIEW times per view and
-        never twice about the same object(s) or class in one view."""
+        always are) and then at random; a category is asked at most MAX_PER_VIEW times per view
+        (ONCE_PER_VIEW ones once) and never twice about the same object(s) or class in one view."""
         out: list[dict] = []
         per_view: Counter = Counter()
         exhausted: set[str] = set()
         while len(out) < n:
             noise = self.rng.random(len(CATEGORIES))
-            order = sorted((c for c in CATEGORIES if c not in exhausted and per_view[c] < MAX_PER_VIEW),
+            order = sorted((c for c in CATEGORIES if c not in exhausted
+                            and per_view[c] < (1 if c in ONCE_PER_VIEW else MAX_PER_VIEW)),
                            key=lambda c: (self.tally[c] - self.tally[f"{c}:missed"], c not in PAIR_FIRST,
                                           noise[CATEGORIES.index(c)]))
             q = None
@@ -351,7 +454,7 @@ class QuestionMaker:
                                     q.get("class_name")))
             per_view[category] += 1
             self.tally[category] += 1
-            if category in RELATION_WORDS or category == "existence":
+            if category in RELATION_WORDS:
                 self.tally[f"{category}:{q.get('answer_text', q['answer'])}"] += 1
             q["qid"] = f"{self.s.sample_id}_q{len(out):02d}"
             out.append(q)

@@ -71,6 +71,36 @@ def _primitive_points(shape: str, centre: np.ndarray, half: np.ndarray) -> np.nd
     return centre + half[0] * np.stack([np.cos(theta) * np.sin(phi), np.sin(theta) * np.sin(phi), np.cos(phi)], 1)
 
 
+def _parametric_parts(cls: cat.ObjectClass, size: np.ndarray):
+    """Surface points of a parametric object of `size` (object frame) and each part's
+    (part, centre, PyBullet dimensions)."""
+    points, dims = [], []
+    for part in cls.parts:
+        centre = np.array(part.centre) * size
+        if part.shape == "box":
+            half = np.array(part.half) * size
+            d = half
+        else:
+            r = part.half[0] * size[0]
+            half = np.array([r, r, part.half[2] * size[2] if part.shape == "cylinder" else r])
+            d = (r, 2 * half[2])
+        points.append(_primitive_points(part.shape, centre, half))
+        dims.append((part, centre, d))
+    return np.concatenate(points), dims
+
+
+def typical_extents(cls: cat.ObjectClass) -> np.ndarray:
+    """Tight box extents (x, y, z) of an object of this class at the middle of its size range,
+    as the builder makes it (a mesh is scaled to the middle of its height range)."""
+    mid = (np.array(cls.size_min) + np.array(cls.size_max)) / 2
+    if cls.kind == "mesh":
+        v = _mesh_vertices(cls.mesh) @ _UP_ROTATION[cls.mesh_up].T
+        extent = v.max(0) - v.min(0)
+        return extent * mid[2] / extent[2]
+    points, _ = _parametric_parts(cls, mid)
+    return points.max(0) - points.min(0)
+
+
 def _matrix_to_quat(R: np.ndarray) -> list[float]:
     """3x3 rotation -> (x, y, z, w). Only used for the fixed axis-permutation rotations above."""
     w = np.sqrt(max(0.0, 1 + R[0, 0] + R[1, 1] + R[2, 2])) / 2
@@ -128,19 +158,7 @@ class SceneBuilder:
 
     def _parametric(self, cls: cat.ObjectClass, size: np.ndarray, colour: str, pos, orn):
         """Multi-link body, one fixed link per part; the base frame is the tight box centre."""
-        points, dims = [], []
-        for part in cls.parts:
-            centre = np.array(part.centre) * size
-            if part.shape == "box":
-                half = np.array(part.half) * size
-                d = half
-            else:
-                r = part.half[0] * size[0]
-                half = np.array([r, r, part.half[2] * size[2] if part.shape == "cylinder" else r])
-                d = (r, 2 * half[2])
-            points.append(_primitive_points(part.shape, centre, half))
-            dims.append((part, centre, d))
-        points = np.concatenate(points)
+        points, dims = _parametric_parts(cls, size)
         lo, hi = points.min(0), points.max(0)
         offset = (lo + hi) / 2  # recentre so the base frame is the tight box centre
         links_col, links_vis, links_pos = [], [], []

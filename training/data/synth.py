@@ -3,7 +3,7 @@
     python -m training.data.synth --out DIR --num-scenes N --views-per-scene K --seed S --split train
 
 Layout under DIR/<split>/:
-    scenes/scene_000000/view_00/{rgb,depth,class,instance,depth_target,seg}.png + meta.json
+    scenes/scene_000000/view_00/{rgb,depth,class,instance,seg}.png + meta.json
     scenes/scene_000000/{questions,sft,rl,stage1}.jsonl + stats.json
     questions.jsonl, Interleaved_SFT.jsonl, RL_data.jsonl, stage1.jsonl   (merged, scene order)
     manifest.json   frames in order with intrinsics (fx, fy, cx, cy, width, height) and pose
