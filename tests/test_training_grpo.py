@@ -164,6 +164,15 @@ def test_llm_judge_over_http_with_retries(judge_server):
     assert judge(rows[:1], ["2"]) == [0.0] and judge.failures == 1 and len(FakeJudgeServer.requests) == 3
 
 
+def test_shipped_configs_name_only_known_options():
+    from training.engine import TrainConfig
+
+    for config, trainer in (("sft_small", sft), ("grpo_small", grpo)):
+        cfg = TrainConfig.from_yaml(ROOT / "training" / "configs" / f"{config}.yaml")
+        x = sft.options(cfg, trainer.DEFAULTS, config)
+        assert x["init_from"] and x["export_dir"]
+
+
 def test_llm_judge_needs_an_endpoint():
     with pytest.raises(ValueError, match="judge_base_url"):
         R.make_judge("llm", base_url=None, model="m")
@@ -290,6 +299,7 @@ def test_grpo_smoke_rollouts_generate_maps_and_the_policy_moves(taught):
     np.testing.assert_allclose([r["advantage"] for r in rollouts], R.group_advantages(totals), rtol=1e-6)
     assert len(set(totals)) > 1 and step["grad_norm"] > 0
     # the packed recomputation is the rollout's policy: sampling log-probs are reproduced
-    assert step["logprob_gap"] < 1e-4
+    # (8e-8 measured; another VAE sample of the input image alone gives 1.7e-4)
+    assert step["logprob_gap"] < 1e-5
     before, after = load_file(str(out / "sft" / "export" / "ema.safetensors")), load_file(str(run / "export" / "ema.safetensors"))
     assert max(float((before[k] - after[k]).abs().max()) for k in before) > 0

@@ -130,6 +130,9 @@ class GRPOObjective(nn.Module):
 
     def forward(self, pack: dict) -> dict:
         out = forward_packed(self.model, pack["seq"])
+        if "logits" not in out:  # a rollout cut before its first token: nothing to learn, still one backward
+            return {"loss_sum": out["hidden"].sum() * 0.0, "count": 0, "logprob_gap": 0.0, "clip_fraction": 0.0,
+                    **pack.get("stats", {})}
         logp = token_logprobs(out["logits"], out["labels"], self.temperature)
         old = logp.detach()  # one pass over each batch of rollouts (num_iterations = 1)
         adv = pack["advantages"].to(logp.device)
@@ -354,7 +357,7 @@ class GRPOBatches:
             p["advantages"] = torch.cat(p["advantages"])
             p["sampled_logp"] = torch.cat(p["sampled_logp"])
             p["step_matched"], p["step_tokens"] = matched, tokens
-            if self.x["beta"]:
+            if self.x["beta"] and p["seq"].label_ids:
                 with torch.no_grad():
                     out = forward_packed(self.ref_model, p["seq"])
                     p["ref_logp"] = token_logprobs(out["logits"], out["labels"], self.x["temperature"])

@@ -264,6 +264,7 @@ def main(argv=None):
     model, vae, tokenizer = load_stage2(x)
     trainer = Trainer(cfg, SFTObjective(model), len(rows))
     acc = trainer.accelerator
+    vae.to(acc.device)
     acc.print(f"SFT: {len(rows)} traces, {trainer.num_parameters / 1e6:.2f} M trainable parameters, "
               f"{acc.num_processes} process(es), start at step {trainer.step}")
     builder = InterleavedSequenceBuilder(Inferencer(model, vae, tokenizer), map_vae=x["map_vae"])
