@@ -3,7 +3,8 @@
 Depth follows COOPER's training target (`DepthImageTransform`): metres clamped to a fixed range,
 (d - min) / (max - min), replicated to three channels; near is dark. A generated map decodes as
 the mean of its channels. Depth fed back into reasoning is coloured with matplotlib's Spectral.
-Segmentation is a colour image with one palette colour per class; decoding takes the nearest colour.
+Segmentation is a colour image; a checkpoint that declares a palette (one colour per class) can have
+its maps decoded to labels by the nearest colour.
 """
 
 from __future__ import annotations
@@ -53,10 +54,12 @@ def colorize_depth(depth01: np.ndarray, cmap: str = "Spectral") -> np.ndarray:
     followed by `(x * 255).astype(uint8)`. Non-finite values are shown black."""
     import matplotlib
 
-    d = np.asarray(depth01, dtype=np.float64)
+    d = np.asarray(depth01, dtype=np.float32)
     finite = np.isfinite(d)
     rgb = matplotlib.colormaps[cmap](np.clip(np.where(finite, d, 0), 0, 1), bytes=False)[..., :3]
-    out = (rgb * 255).astype(np.uint8)
+    # Upstream's colours pass through a float32 tensor before the * 255; in float64 a few of them
+    # truncate one level lower (the blue channel of two Spectral bins).
+    out = (rgb.astype(np.float32) * 255).astype(np.uint8)
     out[~finite] = 0
     return out
 
@@ -83,6 +86,7 @@ class SegmentationCodec:
         if class_names is not None and len(class_names) != len(palette):
             raise ValueError(f"{len(class_names)} class names for {len(palette)} palette colours")
         self.palette = palette
+        # A declared palette without names: its colours still mean classes, numbered.
         self.class_names = class_names or [f"class_{i}" for i in range(len(palette))]
 
     def encode(self, labels: np.ndarray) -> np.ndarray:

@@ -3,8 +3,8 @@
 A checkpoint directory holds upstream's two config files (`llm_config.json`, `vit_config.json`,
 Qwen2 and SigLIP fields before the loader's overrides) and, optionally, `cooper_config.json` with
 what upstream hard-codes in its loader (latent patch size, table sizes, transforms) plus what this
-project adds (depth range, segmentation palette, pipeline defaults, whether the weights are trained).
-Released checkpoints have no `cooper_config.json`; then the upstream loader's values are used.
+project adds (depth range and kind, segmentation palette, pipeline defaults, whether the weights are
+trained). Released checkpoints have no `cooper_config.json`; then the upstream loader's values are used.
 """
 
 from __future__ import annotations
@@ -19,6 +19,11 @@ from transformers import Qwen2Config, SiglipVisionConfig
 LLM_CONFIG_FILE = "llm_config.json"
 VIT_CONFIG_FILE = "vit_config.json"
 COOPER_CONFIG_FILE = "cooper_config.json"
+# "metric": the depth pseudo-image is metres scaled by one fixed `depth_range` (the project's
+# synthetic data). "relative": it is not; released COOPER learned each dataset normalised by its own
+# range (vKITTI to 80 m, Hypersim to 65 m) under one prompt, and upstream evaluates it only after a
+# least-squares scale and shift.
+DEPTH_KINDS = ("metric", "relative")
 
 
 @dataclass
@@ -68,11 +73,22 @@ class CooperConfig:
     # Metric range of the depth pseudo-image. Released COOPER mixes Hypersim [1e-5, 65] (45% of
     # stage 1) and vKITTI [1e-5, 80]; Hypersim's range is the default for released checkpoints.
     depth_range: tuple[float, float] = (1e-5, 65.0)
+    depth_kind: str = "relative"
+    # Segmentation classes, one colour each. Released checkpoints declare none: their maps are
+    # colour images without labels.
     class_names: list[str] | None = None
     palette: list[list[int]] | None = None
     pipeline_defaults: dict = field(default_factory=dict)
     trained: bool = True
     name: str = "bagel"
+
+    def __post_init__(self):
+        if self.depth_kind not in DEPTH_KINDS:
+            raise ValueError(f"depth_kind must be one of {DEPTH_KINDS}, got {self.depth_kind!r}")
+        if self.class_names is not None and self.palette is None:
+            raise ValueError("class_names without a palette: a label needs its colour")
+        if self.class_names is not None and len(self.class_names) != len(self.palette):
+            raise ValueError(f"{len(self.class_names)} class names for {len(self.palette)} palette colours")
 
     # Derived sizes ---------------------------------------------------------------------------
     @property
@@ -126,7 +142,10 @@ class CooperConfig:
         unknown = set(extra) - known
         if unknown:
             raise ValueError(f"{COOPER_CONFIG_FILE}: unknown keys {sorted(unknown)}")
-        return cls(llm=llm, vit=vit, **extra)
+        try:
+            return cls(llm=llm, vit=vit, **extra)
+        except ValueError as e:
+            raise ValueError(f"{COOPER_CONFIG_FILE}: {e}") from None
 
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)
@@ -197,6 +216,7 @@ def preset(name: str) -> CooperConfig:
             vae_transform=ImageTransformConfig(192, 96, 16),
             vit_transform=ImageTransformConfig(168, 84, 14),
             depth_range=(1e-3, 10.0),  # NYUv2's indoor range, as the synthetic data engine
+            depth_kind="metric",  # the synthetic data is metric, under that one range
             pipeline_defaults=dict(num_steps=8, max_new_tokens=96),
             name=name,
             trained=False,

@@ -34,19 +34,31 @@ def target_size(width: int, height: int, t: ImageTransformConfig) -> tuple[int, 
     return w, h
 
 
-def as_pil_rgb(image) -> Image.Image:
-    """Accept a PIL image or a uint8 HxWx3 array (RGB); anything else is a clear error."""
-    if isinstance(image, Image.Image):
+def _onto_white(image: Image.Image) -> Image.Image:
+    """Upstream `pil_img2rgb`: an image with transparency is composited onto white, so transparent
+    regions read as white, not as whatever colour the hidden pixels hold (often black)."""
+    if "A" not in image.getbands() and image.info.get("transparency") is None:
         return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    white = Image.new("RGB", rgba.size, (255, 255, 255))
+    white.paste(rgba, mask=rgba.getchannel("A"))
+    return white
+
+
+def as_pil_rgb(image) -> Image.Image:
+    """Accept a PIL image (any mode) or a uint8 HxWx3 (RGB) or HxWx4 (RGBA) array; transparency is
+    composited onto white. Anything else is a clear error."""
+    if isinstance(image, Image.Image):
+        return _onto_white(image)
     if not isinstance(image, np.ndarray):
         raise CooperInputError(f"image must be a uint8 HxWx3 numpy array or a PIL image, got {type(image).__name__}")
     if image.dtype != np.uint8:
         raise CooperInputError(f"image must have dtype uint8, got {image.dtype}")
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise CooperInputError(f"image must be HxWx3 (RGB), got shape {image.shape}")
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise CooperInputError(f"image must be HxWx3 (RGB) or HxWx4 (RGBA), got shape {image.shape}")
     if image.shape[0] < 2 or image.shape[1] < 2:
         raise CooperInputError(f"image is too small: {image.shape[1]}x{image.shape[0]}")
-    return Image.fromarray(np.ascontiguousarray(image), "RGB")
+    return _onto_white(Image.fromarray(np.ascontiguousarray(image), "RGB" if image.shape[2] == 3 else "RGBA"))
 
 
 def resize(image: Image.Image, t: ImageTransformConfig) -> Image.Image:

@@ -101,6 +101,9 @@ class Inferencer:
         self.tokens = SpecialTokens.from_tokenizer(tokenizer)
         self.config = model.config
         self.progress = progress
+        # Next tokens are chosen among the tokenizer's ids only: lm_head may have padding rows
+        # (BAGEL-7B: 152,064 rows, 151,665 tokens; upstream slices its logits to 151,665).
+        self.text_vocab_size = min(len(tokenizer), self.config.llm.vocab_size)
 
     @property
     def device(self) -> torch.device:
@@ -206,16 +209,17 @@ class Inferencer:
                       trace: dict | None = None) -> str:
         """Upstream `gen_text`: start from <|im_start|> at the next position, stop at <|im_end|>.
         The context is not changed (callers add the text back, re-tokenised, as upstream does).
+        Only the tokenizer's ids are candidates (never lm_head's padding rows).
         `trace`, if given, receives the kept token ids (<|im_end|> included when it stopped there),
-        their log-probabilities under the distribution sampled from (softmax of logits / temperature,
-        before top-p; temperature 1 when greedy) and whether it stopped at <|im_end|> (RL uses them)."""
+        their log-probabilities under the distribution sampled from (softmax of those logits /
+        temperature, before top-p; temperature 1 when greedy) and whether it stopped at <|im_end|> (RL uses them)."""
         ctx = ctx.copy()
         sequence = [self.tokens.bos]
         current = self.tokens.bos
         logprobs, finished = [], False
         for step in range(max_new_tokens):
             hidden = self._decode_step(ctx, current)
-            logits = self.model.logits(hidden[-1]).float()
+            logits = self.model.logits(hidden[-1]).float()[: self.text_vocab_size]
             current = self._pick(logits, do_sample, temperature, top_p, generator)
             if trace is not None:
                 scale = max(temperature, 1e-6) if do_sample else 1.0

@@ -1,8 +1,10 @@
 """`CooperPipeline`: the one API the ROS node, the benchmarks and the evaluation use.
 
     pipe = CooperPipeline.from_pretrained(path, device="cuda", dtype="bfloat16")
-    pipe.depth(rgb).depth           # metres, HxW float32, input resolution
-    pipe.segment(rgb).labels        # class ids, HxW uint16
+    pipe.depth(rgb).relative        # HxW float32 in [0, 1], larger = farther, input resolution
+    pipe.depth(rgb).depth           # metres (HxW float32) if `pipe.depth_is_metric`, else None
+    pipe.segment(rgb).raw           # HxWx3 uint8 colours as generated
+    pipe.segment(rgb).labels        # class ids (HxW uint16) if `pipe.has_palette`, else None
     pipe.ask(rgb, "How far is the chair from the table?", mode="interleave").boxed_answer
 
 Inputs are uint8 HxWx3 RGB arrays (or PIL images) of any size; resizing to the model's sizes and
@@ -26,7 +28,7 @@ from PIL import Image
 from . import image_processor as ip
 from . import prompts
 from .checkpoint import CheckpointError, load_autoencoder, load_model, read_config
-from .codecs import DepthCodec, SegmentationCodec, colorize_depth, default_palette
+from .codecs import DepthCodec, SegmentationCodec, colorize_depth
 from .config import CooperConfig, ImageTransformConfig
 from .image_processor import CooperInputError
 from .inference import ImageGenerationSettings, Inferencer, decode_depth01
@@ -35,13 +37,17 @@ from .tokenizer import load_tokenizer
 
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "cooper-small"
 
-# COOPER's own settings per task (upstream `depth_map_generation`, `segmentation_generation`, and
-# the VLMEvalKit evaluation config for question answering).
+# COOPER's own settings per task: its depth evaluation (`depth_map_generation`), its ADE20K
+# evaluation (`image_generation_edit`, 50 steps), and the VLMEvalKit config for question answering
+# (`BagelInference` defaults: 4,096 tokens a turn for COOPER and BAGEL-RE).
 TASK_DEFAULTS = {
     "depth": dict(num_steps=50, cfg_text_scale=3.0, cfg_img_scale=1.5, cfg_interval=(0.4, 1.0), cfg_renorm_type="global"),
-    "segment": dict(num_steps=30, cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.4, 1.0), cfg_renorm_type="global"),
+    "segment": dict(num_steps=50, cfg_text_scale=3.0, cfg_img_scale=1.5, cfg_interval=(0.4, 1.0), cfg_renorm_type="global"),
     "ask": dict(num_steps=50, cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel"),
 }
+# Token budget a turn per reasoning mode, as a cap on the defaults a call does not override: the
+# evaluation config gives BAGEL-PE (perception mode) `max_think_token_n` 256.
+MODE_MAX_NEW_TOKENS = {"perception": 256}
 
 
 @dataclass
@@ -72,17 +78,18 @@ class Settings(ImageGenerationSettings):
 
 @dataclass
 class DepthOutput:
-    depth: np.ndarray  # float32 HxW metres; -inf/+inf nearer/farther than the range (REP 118)
-    depth01: np.ndarray  # float32 HxW in [0, 1], the decoded pseudo-image
-    colored: np.ndarray  # uint8 HxWx3 Spectral visualisation
+    relative: np.ndarray  # float32 HxW in [0, 1], the decoded pseudo-image; larger = farther
+    depth: np.ndarray | None  # float32 HxW metres, -inf/+inf nearer/farther than the range (REP 118);
+    #                           None unless the checkpoint's depth is metric
+    colored: np.ndarray  # uint8 HxWx3 Spectral visualisation of `relative`
     timings: dict = field(default_factory=dict)
 
 
 @dataclass
 class SegmentationOutput:
-    color: np.ndarray  # uint8 HxWx3, palette colours of `labels`
-    labels: np.ndarray  # uint16 HxW class ids
-    raw: np.ndarray  # uint8 HxWx3 as generated (resized to the input)
+    raw: np.ndarray  # uint8 HxWx3 colours as generated (NEAREST-resized to the input)
+    labels: np.ndarray | None  # uint16 HxW class ids (nearest palette colour); None without a palette
+    color: np.ndarray | None  # uint8 HxWx3 palette colours of `labels`; None without a palette
     timings: dict = field(default_factory=dict)
 
 
@@ -102,10 +109,9 @@ class CooperPipeline:
         self.inferencer = inferencer
         self.config = config
         self.depth_codec = DepthCodec(*config.depth_range)
-        # Released checkpoints name no classes; COOPER segments ADE20K (150 classes + background).
-        palette = np.asarray(config.palette, dtype=np.uint8) if config.palette else default_palette(
-            len(config.class_names) if config.class_names else 151)
-        self.segmentation_codec = SegmentationCodec(palette, config.class_names)
+        # Released checkpoints declare no palette: their segmentation is colours without labels.
+        self.segmentation_codec = None if config.palette is None else SegmentationCodec(
+            np.asarray(config.palette, dtype=np.uint8), config.class_names)
         self.max_question_chars = 8192
         self.max_image_pixels = 40_000_000
         self._lock = threading.Lock()
@@ -141,12 +147,23 @@ class CooperPipeline:
         return tuple(self.config.depth_range)
 
     @property
-    def class_names(self) -> list[str]:
-        return self.segmentation_codec.class_names
+    def depth_is_metric(self) -> bool:
+        """Whether `DepthOutput.depth` is metres (else None: only the relative map exists)."""
+        return self.config.depth_kind == "metric"
 
     @property
-    def palette(self) -> np.ndarray:
-        return self.segmentation_codec.palette
+    def has_palette(self) -> bool:
+        """Whether the checkpoint declares segmentation classes (else no labels, names, palette)."""
+        return self.segmentation_codec is not None
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.segmentation_codec.class_names if self.has_palette else None
+
+    @property
+    def palette(self) -> np.ndarray | None:
+        """uint8 [K, 3]: the colour of class k in row k."""
+        return self.segmentation_codec.palette if self.has_palette else None
 
     @property
     def device(self) -> torch.device:
@@ -211,28 +228,32 @@ class CooperPipeline:
         s = self.settings("depth", **overrides)
         start = time.perf_counter()
         decoded, timings = self._run(s, lambda g: self._generate_map(image, prompts.DEPTH_PROMPT, s, g))
-        d01 = decode_depth01(decoded)[None, None]
-        d01 = torch.nn.functional.interpolate(d01, size=(image.height, image.width), mode="bilinear",
-                                              align_corners=False)[0, 0].clamp(0, 1).cpu().numpy().astype(np.float32)
+        relative = decode_depth01(decoded)[None, None]
+        relative = torch.nn.functional.interpolate(relative, size=(image.height, image.width), mode="bilinear",
+                                                   align_corners=False)[0, 0].clamp(0, 1).cpu().numpy().astype(np.float32)
+        metres = self.depth_codec.from_unit(relative) if self.depth_is_metric else None
         timings["total"] = time.perf_counter() - start
-        return DepthOutput(self.depth_codec.from_unit(d01), d01, colorize_depth(d01), timings)
+        return DepthOutput(relative, metres, colorize_depth(relative), timings)
 
     def segment(self, rgb, **overrides) -> SegmentationOutput:
         image = self._check_image(rgb)
         s = self.settings("segment", **overrides)
         start = time.perf_counter()
         decoded, timings = self._run(s, lambda g: self._generate_map(image, prompts.SEGMENTATION_PROMPT, s, g))
-        raw = Image.fromarray(ip.to_uint8(decoded)).resize(image.size, Image.NEAREST)
-        raw = np.asarray(raw)
-        labels = self.segmentation_codec.decode(raw)
+        raw = np.asarray(Image.fromarray(ip.to_uint8(decoded)).resize(image.size, Image.NEAREST))
+        labels = color = None
+        if self.has_palette:
+            labels = self.segmentation_codec.decode(raw)
+            color = self.segmentation_codec.encode(labels)
         timings["total"] = time.perf_counter() - start
-        return SegmentationOutput(self.segmentation_codec.encode(labels), labels, raw, timings)
+        return SegmentationOutput(raw, labels, color, timings)
 
     def ask(self, rgb, question: str, mode: str = "interleave", max_turns: int = 3, on_event=None,
             **overrides) -> AskOutput:
         """Answer a question about an image. `on_event(kind, value)`, if given, is called as the
         reasoning goes: ("turn", text) after each generated turn, ("tool", "depth"|"segmentation")
-        after each generated map; clients that stream progress use it."""
+        after each generated map; clients that stream progress use it. Perception mode thinks at
+        most 256 tokens a turn (`MODE_MAX_NEW_TOKENS`) unless the call sets `max_new_tokens`."""
         image = self._check_image(rgb)
         if not isinstance(question, str) or not question.strip():
             raise CooperInputError("question is empty")
@@ -243,6 +264,8 @@ class CooperPipeline:
         if not 1 <= int(max_turns) <= 16:
             raise CooperInputError(f"max_turns must be in [1, 16], got {max_turns}")
         s = self.settings("ask", **overrides)
+        if mode in MODE_MAX_NEW_TOKENS and overrides.get("max_new_tokens") is None:
+            s.max_new_tokens = min(s.max_new_tokens, MODE_MAX_NEW_TOKENS[mode])
         text = TextSettings(s.max_new_tokens, s.do_sample, s.temperature, s.top_p)
         start = time.perf_counter()
         result = self._run(s, lambda g: Reasoner(self.inferencer, s, text, g,

@@ -1,5 +1,6 @@
 """The pipeline API end to end on the bundled small checkpoint (CPU, few steps)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -7,9 +8,12 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import REFERENCE
 from cooper_model import BUNDLED_CHECKPOINT, CooperInputError, CooperPipeline, DepthCodec, SegmentationCodec, default_palette
 from cooper_model.codecs import colorize_depth
+from cooper_model.config import CooperConfig, preset
 from cooper_model.reasoning import extract_boxed
+from cooper_model.tokenizer import byte_level_tokenizer
 
 FAST = dict(num_steps=3, max_new_tokens=12)
 
@@ -24,31 +28,125 @@ def rgb():
     return np.random.default_rng(0).integers(0, 256, (120, 170, 3), dtype=np.uint8)
 
 
+def with_config(pipe, **changes) -> CooperPipeline:
+    """The same weights under another declaration (depth kind, palette)."""
+    return CooperPipeline(pipe.inferencer, dataclasses.replace(pipe.config, **changes))
+
+
 def test_depth_at_input_resolution(pipe, rgb):
+    assert pipe.depth_is_metric  # cooper-small is trained on metric synthetic data
     out = pipe.depth(rgb, **FAST)
+    assert out.relative.shape == (120, 170) and out.relative.dtype == np.float32
+    assert ((out.relative >= 0) & (out.relative <= 1)).all()
     assert out.depth.shape == (120, 170) and out.depth.dtype == np.float32
     assert out.colored.shape == (120, 170, 3) and out.colored.dtype == np.uint8
+    assert np.array_equal(out.colored, colorize_depth(out.relative))
     lo, hi = pipe.depth_range
     finite = np.isfinite(out.depth)
     assert ((out.depth[finite] >= lo) & (out.depth[finite] <= hi)).all()
+    # metres are the relative map under the checkpoint's fixed range: larger = farther
+    np.testing.assert_allclose(out.depth[finite], lo + out.relative[finite] * (hi - lo), rtol=1e-6)
     # saturated pixels follow REP 118: -inf nearer, +inf farther than the range
-    assert np.array_equal(np.isneginf(out.depth), out.depth01 <= 0)
-    assert np.array_equal(np.isposinf(out.depth), out.depth01 >= 1)
+    assert np.array_equal(np.isneginf(out.depth), out.relative <= 0)
+    assert np.array_equal(np.isposinf(out.depth), out.relative >= 1)
     assert {"prefill", "denoise", "vae_decode", "total"} <= set(out.timings)
 
 
+def test_relative_depth_checkpoint_gives_no_metres(pipe, rgb):
+    relative = with_config(pipe, depth_kind="relative")
+    assert not relative.depth_is_metric
+    out = relative.depth(rgb, seed=3, **FAST)
+    assert out.depth is None
+    # the same map as the metric declaration gives: only what it is called changes
+    assert np.array_equal(out.relative, pipe.depth(rgb, seed=3, **FAST).relative)
+
+
 def test_same_seed_same_map_other_seed_other_map(pipe, rgb):
-    a, b, c = (pipe.depth(rgb, seed=s, **FAST).depth01 for s in (1, 1, 2))
+    a, b, c = (pipe.depth(rgb, seed=s, **FAST).relative for s in (1, 1, 2))
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)
 
 
 def test_segmentation_labels_are_palette_ids(pipe, rgb):
+    assert pipe.has_palette
     out = pipe.segment(rgb, **FAST)
+    assert out.raw.shape == (120, 170, 3) and out.raw.dtype == np.uint8
     assert out.labels.shape == (120, 170) and out.labels.dtype == np.uint16
     assert out.labels.max() < len(pipe.palette)
     assert np.array_equal(out.color, pipe.palette[out.labels])
-    assert pipe.class_names[0] == "background"
+    assert np.array_equal(out.labels, SegmentationCodec(pipe.palette).decode(out.raw))
+    assert pipe.class_names[0] == "background" and len(pipe.class_names) == len(pipe.palette)
+
+
+def test_segmentation_without_palette_is_colours_only(pipe, rgb):
+    bare = with_config(pipe, class_names=None, palette=None)
+    assert not bare.has_palette and bare.class_names is None and bare.palette is None
+    out = bare.segment(rgb, seed=4, **FAST)
+    assert out.labels is None and out.color is None
+    # the generated colours, not re-quantised to any palette
+    assert np.array_equal(out.raw, pipe.segment(rgb, seed=4, **FAST).raw)
+
+
+def test_segmentation_raw_is_the_generated_map_nearest_resized(pipe, rgb, monkeypatch):
+    # a generated map whose every pixel has its own colour (row in red, column in green), more
+    # colours than any palette: raw must show them unchanged, each from the pixel under it
+    import torch
+
+    h, w = 64, 96
+    generated = np.zeros((h, w, 3), np.uint8)
+    generated[..., 0] = np.arange(h)[:, None] * 4
+    generated[..., 1] = np.arange(w)[None, :] * 2
+    decoded = torch.from_numpy((generated + 0.5) / 255 * 2 - 1).permute(2, 0, 1).float()  # decoder range
+    monkeypatch.setattr(pipe.inferencer, "decode_latents", lambda latents, hh, ww: decoded)
+    raw = pipe.segment(rgb, **FAST).raw
+    assert raw.shape == (120, 170, 3) and (raw[..., 2] == 0).all()
+    src_row, src_col = raw[..., 0].astype(int) // 4, raw[..., 1].astype(int) // 2
+    assert np.array_equal(raw, generated[src_row, src_col])  # no blended colour anywhere
+    centre_row = (np.arange(120) + 0.5) * h / 120
+    centre_col = (np.arange(170) + 0.5) * w / 170
+    assert (np.abs(src_row + 0.5 - centre_row[:, None]) <= 1).all()
+    assert (np.abs(src_col + 0.5 - centre_col[None, :]) <= 1).all()
+
+
+def test_released_checkpoint_is_relative_without_palette(rgb):
+    # a released-style checkpoint (upstream's files, no cooper_config.json)
+    tiny = REFERENCE / "bagel-tiny-ckpt"
+    assert not (tiny / "cooper_config.json").exists()
+    pipe = CooperPipeline.from_pretrained(tiny, tokenizer=byte_level_tokenizer())
+    assert pipe.config.depth_kind == "relative" and not pipe.depth_is_metric
+    assert not pipe.has_palette and pipe.class_names is None and pipe.palette is None
+    depth = pipe.depth(rgb, num_steps=2)
+    assert depth.depth is None and depth.relative.shape == (120, 170)
+    seg = pipe.segment(rgb, num_steps=2)
+    assert seg.labels is None and seg.color is None and seg.raw.shape == (120, 170, 3)
+
+
+def test_depth_kind_is_declared_and_checked(tmp_path):
+    assert preset("cooper-small").depth_kind == "metric"
+    assert preset("bagel-7b").depth_kind == "relative"
+    assert json.loads((BUNDLED_CHECKPOINT / "cooper_config.json").read_text())["depth_kind"] == "metric"
+    config = preset("cooper-small")
+    config.save_pretrained(tmp_path)
+    assert CooperConfig.from_pretrained(tmp_path).depth_kind == "metric"
+    extra = json.loads((tmp_path / "cooper_config.json").read_text())
+    extra["depth_kind"] = "metres"
+    (tmp_path / "cooper_config.json").write_text(json.dumps(extra))
+    with pytest.raises(ValueError, match="cooper_config.json: depth_kind must be one of"):
+        CooperConfig.from_pretrained(tmp_path)
+    extra["depth_kind"] = "relative"
+    extra["palette"] = None
+    extra["class_names"] = ["background", "chair"]
+    (tmp_path / "cooper_config.json").write_text(json.dumps(extra))
+    with pytest.raises(ValueError, match="class_names without a palette"):
+        CooperConfig.from_pretrained(tmp_path)
+
+
+def test_standalone_defaults_are_coopers_evaluation(pipe):
+    bare = with_config(pipe, pipeline_defaults={})
+    seg = bare.settings("segment")  # ADE20K evaluation (`image_generation_edit`)
+    assert (seg.cfg_text_scale, seg.cfg_img_scale, seg.cfg_interval, seg.num_steps) == (3.0, 1.5, (0.4, 1.0), 50)
+    depth = bare.settings("depth")  # depth evaluation (`depth_map_generation`)
+    assert (depth.cfg_text_scale, depth.cfg_img_scale, depth.cfg_interval, depth.num_steps) == (3.0, 1.5, (0.4, 1.0), 50)
 
 
 @pytest.mark.parametrize("mode", ["interleave", "text", "perception", "direct"])
