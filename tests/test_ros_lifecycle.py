@@ -1,5 +1,8 @@
-"""A fresh node (separate process): no frame yet, no work without subscribers, lifecycle
-transitions, set_parameters refusals, diagnostics."""
+"""A fresh node (separate process): no frame yet, no work without subscribers, rate limit,
+set_parameters refusals, diagnostics, and lifecycle transitions while a camera streams and
+questions are waiting. Everything is checked on behaviour and on the counters the node reports,
+never on how long something took."""
+import threading
 import time
 
 import pytest
@@ -28,6 +31,7 @@ def node(tmp_path_factory):
                        log_path=log).start()
     yield proc
     assert proc.stop() == 0, proc.log_text()[-3000:]
+    assert "Traceback" not in proc.log_text(), proc.log_text()[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +40,14 @@ def client(node):
     assert c.wait_for_service(SpatialQuery, SRV, timeout=120), node.log_text()[-3000:]
     yield c
     c.close()
+
+
+def _counter(d, key):
+    return int(d[key])
+
+
+def _diag_when(client, pred, timeout=60):
+    return wait_for(lambda: (lambda d: d if pred(d) else None)(client.diagnostics()), timeout=timeout)
 
 
 def test_no_frame_received_yet(node, client):
@@ -57,18 +69,16 @@ def test_no_work_for_outputs_nobody_subscribes(node, client):
     assert client.wait_for_subscribers(pub, 1, 60)
     d0 = client.diagnostics()
 
-    for i in range(10):
-        pub.publish(make_image(pattern_frame(48, 64, t=i), stamp=now_stamp(client)))
-        time.sleep(0.1)
-    d1 = wait_for(lambda: (lambda d: d if int(d["frames_received"]) >= int(d0["frames_received"]) + 5 else None)(
-        client.diagnostics()), timeout=30)
-    assert d1, "frames not received"
+    def sent_more():
+        pub.publish(make_image(pattern_frame(48, 64), stamp=now_stamp(client)))
+        return _counter(client.diagnostics(), "frames_idle") > _counter(d0, "frames_idle")
+    assert wait_for(sent_more, timeout=60, period=0.2), "frames not received"
+    d1 = client.diagnostics()
     assert d1["frames_processed"] == d0["frames_processed"] == "0"
-    assert int(d1["frames_idle"]) > 0
     assert d1["model_depth_count"] == d1["model_seg_count"] == "0"
 
-    # only depth wanted: depth runs, segmentation does not
-    depth = client.collect(Image, "/cooper/depth/image")
+    # only relative depth wanted: depth runs, segmentation does not
+    depth = client.collect(Image, "/cooper/depth/relative")
 
     def got():
         pub.publish(make_image(pattern_frame(48, 64), stamp=now_stamp(client), frame_id="only_depth"))
@@ -80,22 +90,23 @@ def test_no_work_for_outputs_nobody_subscribes(node, client):
 
 
 def test_rate_limit(node, client):
-    """perception.rate_hz=5: processing never exceeds 5 Hz even with frames at 30 Hz."""
-    set_param(client, "generation.num_steps", 2)
+    """perception.rate_hz=5: with frames at 30 Hz, at most 5 perception starts per second.
+    (Load can only make the node slower, so this bound cannot fail on a busy machine: the
+    counter is read before the elapsed time is taken.)"""
     pub = client.publisher(Image, CAM)
-    depth = client.collect(Image, "/cooper/depth/image")
-    time.sleep(1.0)
-    t_end = time.monotonic() + 4.0
-    while time.monotonic() < t_end:
+    depth = client.collect(Image, "/cooper/depth/relative")
+    time.sleep(0.5)
+    d0 = client.diagnostics()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 4.0:
         pub.publish(make_image(pattern_frame(32, 32), stamp=now_stamp(client), frame_id="rate"))
         time.sleep(1 / 30)
-    times = [t for t, m in depth if m.header.frame_id == "rate"]
+    d1 = _diag_when(client, lambda d: int(d["depth_published"]) > int(d0["depth_published"]) + 1)
+    elapsed = time.monotonic() - t0
     client.unsubscribe(depth)
-    assert len(times) >= 2
-    # 120 frames offered in 4 s; at most 5 Hz processed (+1 for the window edges)
-    assert len(times) <= 4.0 * 5 + 1, len(times)
-    mean_gap = (times[-1] - times[0]) / 1e9 / (len(times) - 1)
-    assert mean_gap >= 0.18, mean_gap   # 1/5 Hz = 0.2 s between starts, delivery jitter allowed
+    assert d1, "no depth while frames streamed"
+    n = _counter(d1, "depth_published") - _counter(d0, "depth_published")
+    assert 2 <= n <= 5 * elapsed + 1, (n, elapsed)
 
 
 def test_set_parameters_refused_with_reason(node, client):
@@ -105,8 +116,10 @@ def test_set_parameters_refused_with_reason(node, client):
     assert not r.successful and "not one of" in r.reason
     r = set_param(client, "model.checkpoint", "/elsewhere")
     assert not r.successful and "applied at configure" in r.reason
+    r = set_param(client, "model.device_map", "[1, 2]")
+    assert not r.successful and "JSON object" in r.reason
     r = set_param(client, "depth.min_m", 50.0)
-    assert r.successful  # max_m = 0 (model's) -> no conflict
+    assert r.successful  # max_m = 0 (no limit) -> no conflict
     r = set_param(client, "depth.max_m", 20.0)
     assert not r.successful and "must be smaller" in r.reason
     assert set_param(client, "depth.min_m", 0.0).successful
@@ -120,27 +133,102 @@ def test_set_parameters_refused_with_reason(node, client):
 def _transition(client, tid):
     req = ChangeState.Request()
     req.transition = Transition(id=tid)
-    return client.call(ChangeState, "/cooper/change_state", req, timeout=60).success
+    return client.call(ChangeState, "/cooper/change_state", req, timeout=120).success
 
 
 def _state(client):
     return client.call(GetState, "/cooper/get_state", GetState.Request(), timeout=30).current_state.label
 
 
-def test_lifecycle_deactivate_and_activate(node, client):
-    assert _state(client) == "active"
-    assert _transition(client, Transition.TRANSITION_DEACTIVATE)
-    assert _state(client) == "inactive"
-    r = client.call(SpatialQuery, SRV, request(image=small_image()), timeout=60)
-    assert not r.success and "not active" in r.message
-    assert _transition(client, Transition.TRANSITION_ACTIVATE)
-    assert _state(client) == "active"
-    assert client.call(SpatialQuery, SRV, request(image=small_image()), timeout=120).success
+class Camera:
+    """640x480 frames at 30 Hz in a background thread (the load the transitions happen under)."""
+
+    def __init__(self, client):
+        self.pub = client.publisher(Image, CAM)
+        self.client = client
+        self.frame = make_image(pattern_frame(480, 640), "rgb8", frame_id="lc_load")
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stop.is_set():
+            self.frame.header.stamp = now_stamp(self.client)
+            self.pub.publish(self.frame)
+            self.stop.wait(1 / 30)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(10)
+
+
+def _ask_async(client, n):
+    """n questions sent at once (they wait for the model one after the other)."""
+    cli = client.client(SpatialQuery, SRV)
+    return [cli.call_async(request(image=small_image(), mode="perception", max_turns=1)) for _ in range(n)]
+
+
+def test_lifecycle_transitions_under_load(node, client):
+    assert set_param(client, "perception.rate_hz", 0.0).successful
+    outs = client.collect(Image, "/cooper/depth/relative")
+    with Camera(client):
+        d = _diag_when(client, lambda d: int(d["depth_published"]) > 0 and d["model_worker_threads"] == "1")
+        assert d, node.log_text()[-3000:]
+        assert _state(client) == "active"
+
+        # deactivate with questions waiting: it succeeds, every question gets an answer
+        futures = _ask_async(client, 4)
+        assert _transition(client, Transition.TRANSITION_DEACTIVATE)
+        assert _state(client) == "inactive"
+        assert wait_for(lambda: all(f.done() for f in futures), timeout=120), "a question was left hanging"
+        answers = [f.result() for f in futures]
+        # the one running (if any) finished, the queued ones were refused
+        assert all(a.success or "not active" in a.message for a in answers), [a.message for a in answers]
+        # nothing is published while inactive; one worker, still there
+        d1 = client.diagnostics()
+        time.sleep(1.0)
+        d2 = client.diagnostics()
+        for key in ("depth_published", "segmentation_published", "relative_depth_published"):
+            assert d1[key] == d2[key], key
+        assert d2["model_worker_threads"] == "1" and d2["queries_waiting"] == "0"
+        assert int(d2["frames_received"]) > int(d1["frames_received"])   # frames still arrive
+        r = client.call(SpatialQuery, SRV, request(image=small_image()), timeout=60)
+        assert not r.success and "not active" in r.message
+
+        # activate: outputs and answers again, with the same single worker
+        assert _transition(client, Transition.TRANSITION_ACTIVATE)
+        assert _state(client) == "active"
+        assert _diag_when(client, lambda d: int(d["relative_depth_published"]) > int(d2["relative_depth_published"]))
+        assert client.call(SpatialQuery, SRV, request(image=small_image()), timeout=120).success
+        assert client.diagnostics()["model_worker_threads"] == "1"
+
+        # deactivate, cleanup (the model and its worker go), configure, activate
+        assert _transition(client, Transition.TRANSITION_DEACTIVATE)
+        assert _transition(client, Transition.TRANSITION_CLEANUP)
+        assert _state(client) == "unconfigured"
+        d3 = _diag_when(client, lambda d: d["lifecycle_state"] == "unconfigured")
+        assert d3["model_worker_threads"] == "0"
+        r = client.call(SpatialQuery, SRV, request(image=small_image()), timeout=60)
+        assert not r.success and "not active" in r.message
+        assert _transition(client, Transition.TRANSITION_CONFIGURE)
+        assert _transition(client, Transition.TRANSITION_ACTIVATE)
+        assert _state(client) == "active"
+        d4 = _diag_when(client, lambda d: int(d["relative_depth_published"]) > int(d3["relative_depth_published"]))
+        assert d4 and d4["model_worker_threads"] == "1"
+        assert client.call(SpatialQuery, SRV, request(image=small_image()), timeout=120).success
+    client.unsubscribe(outs)
+    assert node.alive()
+    assert _counter(client.diagnostics(), "model_errors") == 0
 
 
 def test_diagnostics(node, client):
     d = client.diagnostics()
     assert d["lifecycle_state"] == "active"
-    assert d["model_trained"] == "False"
-    assert d["_message"] == "running on UNTRAINED weights"
+    assert d["model_trained"] in ("True", "False")
+    if d["model_trained"] == "False":
+        assert d["_message"] == "running on UNTRAINED weights"
     assert float(d["rss_mb"]) > 0
+    assert d["model_depth_is_metric"] in ("True", "False") and d["model_has_palette"] in ("True", "False")

@@ -372,3 +372,110 @@ def test_model_error_inside_inference_on_a_camera_frame(node, client):
     assert wait_for(recovered, timeout=90, period=0.4)
     client.unsubscribe(depth)
     assert node.alive()
+
+
+# ---------------------------------------------------------------------------- pairing, classes, cancel
+def test_camera_info_is_paired_with_the_frame_by_stamp(node, client):
+    """A camera_info 1 s older than the frame is not the frame's: no cloud (counted), no
+    ~/depth/camera_info for it. With the frame's stamp both come."""
+    points = client.collect(PointCloud2, "/cooper/points")
+    infos = client.collect(CameraInfo, "/cooper/depth/camera_info")
+    img_pub = client.publisher(Image, "/image")
+    info_pub = client.publisher(CameraInfo, "/camera_info")
+    assert client.wait_for_subscribers(img_pub, 1, 60)
+    frame = make_image(pattern_frame(60, 80), "rgb8", frame_id="pair_cam")
+    before = int(client.diagnostics()["points_skipped"])
+    unpaired = set()
+
+    def skipped():
+        st = now_stamp(client)
+        info = camera_info(80, 60, "pair_cam")
+        info.header.stamp = now_stamp(client, offset_s=-1.0)
+        info_pub.publish(info)
+        frame.header.stamp = st
+        img_pub.publish(frame)
+        unpaired.add((st.sec, st.nanosec))
+        return int(client.diagnostics()["points_skipped"]) > before
+    assert wait_for(skipped, timeout=90, period=0.3), node.log_text()[-2000:]
+    paired = set()
+
+    def cloud():
+        st = now_stamp(client)
+        info = camera_info(80, 60, "pair_cam")
+        info.header.stamp = st
+        info_pub.publish(info)
+        frame.header.stamp = st
+        img_pub.publish(frame)
+        paired.add((st.sec, st.nanosec))
+        return any((m.header.stamp.sec, m.header.stamp.nanosec) in paired for _t, m in points)
+    assert wait_for(cloud, timeout=90, period=0.3)
+    assert any((m.header.stamp.sec, m.header.stamp.nanosec) in paired for _t, m in infos)
+    for q in (points, infos):
+        assert not any((m.header.stamp.sec, m.header.stamp.nanosec) in unpaired for _t, m in q)
+        client.unsubscribe(q)
+
+
+def test_class_names_and_colours_are_latched(node, client):
+    import json
+
+    from std_msgs.msg import String
+
+    if client.diagnostics()["model_has_palette"] != "True":
+        pytest.skip("the bundled checkpoint declares no palette")
+    late = client.collect(String, "/cooper/segmentation/classes", latched=True)   # long after it was sent
+    assert wait_for(lambda: len(late) > 0, timeout=30), "no latched class list"
+    classes = json.loads(late[-1][1].data)["classes"]
+    assert classes[0]["id"] == 0 and all(len(c["color"]) == 3 for c in classes)
+    assert len({c["name"] for c in classes}) == len(classes)
+    client.unsubscribe(late)
+
+
+def test_action_goals_can_be_cancelled(node, client):
+    """Two long goals: the second, still queued behind the first, is dropped at once; the first
+    stops at its next reasoning turn. Both end CANCELED and the node answers the next question."""
+    import threading
+
+    from action_msgs.msg import GoalStatus
+    from rclpy.action import ActionClient
+
+    from cooper_interfaces.action import SpatialQuery as SpatialQueryAction
+
+    ac = ActionClient(client.node, SpatialQueryAction, "/spatial_query_stream")
+    try:
+        assert ac.wait_for_server(timeout_sec=60)
+        handles, results, done = [], {}, threading.Event()
+
+        def send(i):
+            ev = threading.Event()
+            goal = SpatialQueryAction.Goal(question=f"Describe the room, part {i}.", image=small_image(),
+                                           mode="interleave", max_turns=16)
+
+            def on_goal(fut):
+                handles.append(fut.result())
+                ev.set()
+            ac.send_goal_async(goal).add_done_callback(on_goal)
+            assert ev.wait(60)
+            return handles[-1]
+
+        first, second = send(0), send(1)
+        assert first.accepted and second.accepted
+        for name, gh in (("second", second), ("first", first)):
+            gh.cancel_goal_async()
+
+        def on_result(name):
+            def cb(fut):
+                results[name] = fut.result()
+                if len(results) == 2:
+                    done.set()
+            return cb
+        first.get_result_async().add_done_callback(on_result("first"))
+        second.get_result_async().add_done_callback(on_result("second"))
+        assert done.wait(180), "cancelled goals never finished"
+        for name, r in results.items():
+            assert r.status == GoalStatus.STATUS_CANCELED, (name, r.status, r.result.message)
+            assert not r.result.success and "cancelled" in r.result.message
+        assert "cancelled before it started" in results["second"].result.message
+        assert int(client.diagnostics()["queries_cancelled"]) >= 2
+    finally:
+        ac.destroy()
+    assert_good_request(client, node)

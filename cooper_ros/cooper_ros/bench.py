@@ -2,6 +2,7 @@
 end-to-end latency camera stamp -> depth published.
 
     python -m cooper_ros.bench [--frames 20] [--width 640 --height 480] [--json out/bench/ros_bench.json]
+    python -m cooper_ros.bench --flood [--duration 600] [--rate 60] [--query-period 2]   (cooper_ros/flood.py)
 
 Starts the node (separate process, bundled checkpoint unless --checkpoint), subscribes to every
 output, sends camera frames + camera_info over DDS and reports, in one run:
@@ -87,9 +88,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", default="", help="checkpoint dir (default: bundled)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--num-steps", type=int, default=0, help="denoising steps (0: model default)")
-    ap.add_argument("--json", default="out/bench/ros_bench.json", help="where to write the results")
+    ap.add_argument("--num-steps", type=int, default=None,
+                    help="denoising steps (0: model default; default 0, with --flood 2)")
+    ap.add_argument("--json", default=None,
+                    help="where to write the results (default out/bench/ros_bench.json, with --flood "
+                         "out/bench/flood.json)")
+    fl = ap.add_argument_group("flood (python -m cooper_ros.bench --flood; see cooper_ros/flood.py)")
+    fl.add_argument("--flood", action="store_true", help="run the flood benchmark instead")
+    fl.add_argument("--duration", type=float, default=600.0, help="seconds of flood")
+    fl.add_argument("--rate", type=float, default=60.0, help="camera rate (Hz)")
+    fl.add_argument("--query-period", type=float, default=2.0, help="seconds between questions")
+    fl.add_argument("--query-mode", default="perception", help="mode of the questions")
+    fl.add_argument("--query-timeout", type=float, default=120.0)
+    fl.add_argument("--max-new-tokens", type=int, default=8, help="token budget per reasoning turn")
+    fl.add_argument("--idle-frames", type=int, default=5, help="frames of the idle baseline")
+    fl.add_argument("--idle-queries", type=int, default=5, help="questions of the idle baseline")
+    fl.add_argument("--warmup", type=float, default=30.0, help="seconds of flood before RSS counts")
+    fl.add_argument("--settle", type=float, default=5.0, help="seconds waited after the camera stops")
+    fl.add_argument("--label", default="", help="name of this run in the report")
+    fl.add_argument("--params-file", default="", help="node parameters YAML (default: the bundled one)")
+    fl.add_argument("--node-pythonpath", default="",
+                    help="prepended to the node's PYTHONPATH: benchmark another version of the node")
     args = ap.parse_args(argv)
+    if args.flood:
+        from .flood import run
+
+        args.num_steps = 2 if args.num_steps is None else args.num_steps
+        args.json = args.json or "out/bench/flood.json"
+        return run(args)
+    args.num_steps = args.num_steps or 0
+    args.json = args.json or "out/bench/ros_bench.json"
 
     from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 

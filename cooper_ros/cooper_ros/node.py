@@ -1,7 +1,12 @@
-"""The cooper ROS 2 node: camera in, depth / segmentation out, /spatial_query service.
+"""The cooper ROS 2 node: camera in, depth / segmentation out, /spatial_query service and action.
 
-A thin adapter over ``cooper_model.CooperPipeline``: everything model-related goes through the
-pipeline; this module only converts messages, schedules work and reports.
+A thin adapter over ``cooper_model.CooperPipeline``. This module holds the node's parameters and
+lifecycle and wires the parts together, each in a file of its own:
+
+* ``perception.py``: frames in, depth / segmentation / point cloud out;
+* ``queries.py``: the service and the action;
+* ``worker.py``: the one thread that makes every model call (why: see there);
+* ``diagnostics.py``: counters, timings and the /diagnostics status.
 
 Start it with either of::
 
@@ -9,27 +14,23 @@ Start it with either of::
         -r image:=/camera/image_raw -r camera_info:=/camera/camera_info
     ros2 run cooper_ros cooper_node --ros-args ...
 
-Threads: the executor (multi-threaded) runs the subscriptions (they only store the newest
-frame), the service/action (own callback group) and the diagnostics timer; perception runs in
-its own worker thread. One lock serialises model calls; a waiting query goes before the next
-perception frame, so a query waits at most for one frame in flight.
+Threads: a SingleThreadedExecutor runs every callback (they store messages, check requests and
+queue work; none waits for the model) and the model worker runs the model. Lifecycle: configure
+loads the model and starts the worker, activate/deactivate only open and close the gate (no
+thread starts or stops, so deactivate returns at once and never leaves two workers), cleanup
+stops the worker after its call in flight and frees the model.
 """
 from __future__ import annotations
 
+import json
 import os
+import signal
 import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-
-from . import image_codec as ic
-from .params import (MODE_ALIASES, MODES, PARAMS, RECONFIGURE_ONLY, SPEC_BY_NAME, Settings,
-                     check_consistency, check_value)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -69,132 +70,71 @@ def apply_default_environment() -> None:
 
 
 import rclpy  # noqa: E402
-from rclpy.action import ActionServer, CancelResponse, GoalResponse  # noqa: E402
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup  # noqa: E402
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
-from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile,  # noqa: E402
-                       ReliabilityPolicy)
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
+from rclpy.signals import SignalHandlerOptions  # noqa: E402
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange,  # noqa: E402
                                 ParameterDescriptor, SetParametersResult)
-from builtin_interfaces.msg import Time as TimeMsg  # noqa: E402
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue  # noqa: E402
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, LaserScan, PointCloud2  # noqa: E402
+from std_msgs.msg import String  # noqa: E402
 
-from cooper_interfaces.srv import SpatialQuery  # noqa: E402
-from cooper_interfaces.action import SpatialQuery as SpatialQueryAction  # noqa: E402
+from .diagnostics import Stats, diagnostic_array  # noqa: E402
+from .params import (PARAMS, RECONFIGURE_ONLY, SPEC_BY_NAME, Settings,  # noqa: E402
+                     check_consistency, check_value)
+from .perception import Perception, is_oom  # noqa: E402
+from .queries import QueryServer  # noqa: E402
+from .sync import stamp_ns  # noqa: E402
+from .worker import THREAD_NAME, ModelWorker  # noqa: E402
 
-from .pointcloud import depth_to_points, make_pointcloud2  # noqa: E402
+# seconds cleanup waits for the model call in flight before it reports failure
+STOP_TIMEOUT_S = 60.0
+
+SPARSE_TOPICS = {"depth": ("alignment/depth", Image), "points": ("alignment/points", PointCloud2),
+                 "scan": ("alignment/scan", LaserScan)}
 
 
 class ParameterError(ValueError):
     """Invalid parameters at start; the message lists every reason."""
 
 
-@dataclass
-class Frame:
-    msg: Any                 # sensor_msgs/Image or CompressedImage
-    compressed: bool
-    seq: int                 # 1, 2, ... in order of arrival
-    recv_ns: int             # time.monotonic_ns() at arrival
-
-
-def _stamp_ns(stamp) -> int:
-    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
-
-
-def _rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except Exception:  # pragma: no cover
-        return float("nan")
-
-
-class _Stat:
-    """Running count / last / mean / max of a quantity (seconds)."""
-    __slots__ = ("n", "last", "total", "max")
-
-    def __init__(self):
-        self.n, self.last, self.total, self.max = 0, 0.0, 0.0, 0.0
-
-    def add(self, v: float):
-        self.n += 1
-        self.last = v
-        self.total += v
-        self.max = max(self.max, v)
-
-    @property
-    def mean(self) -> float:
-        return self.total / self.n if self.n else 0.0
-
-
-def _clean(text: Any) -> str:
-    """A string rclpy can send: valid UTF-8, no NUL (a NUL cuts a ROS string short)."""
-    s = "" if text is None else str(text)
-    return s.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
-
-
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError):
-        return True
-    name = type(exc).__name__
-    return "OutOfMemory" in name or "out of memory" in str(exc).lower()
+def parse_device_map(text: str):
+    """The model.device_map parameter -> from_pretrained's device_map (None, "auto" or a dict)."""
+    if not text:
+        return None
+    return text if text == "auto" else json.loads(text)
 
 
 class CooperNode(LifecycleNode):
     """Lifecycle node: configure loads the model, activate starts processing."""
 
     def __init__(self, node_name: str = "cooper", **kwargs):
+        self._queries: QueryServer | None = None   # first: rclpy destroys a node that failed to start
         super().__init__(node_name, **kwargs)
         self._declare_parameters()
+        self.settings = Settings(self._param_values())   # replaced whole after every change
         self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.add_post_set_parameters_callback(self._after_set_parameters)
 
-        self._pipe = None
-        self._pipe_info: dict[str, Any] = {}
+        self.stats = Stats()
+        self.perception = Perception(self)
+        self.worker: ModelWorker | None = None
+        self.model_info: dict[str, Any] = {"trained": False, "depth_is_metric": False, "has_palette": False}
+        self.active = False
+        self.state_label = "unconfigured"
+        self.image_topic = self.resolve_topic_name("image")
         self._configured = False
-        self._active = False
-        self._state_label = "unconfigured"
 
-        self._model_lock = threading.Lock()
-        self._queries_waiting = 0
-        self._qw_lock = threading.Lock()
-
-        self._frame_cv = threading.Condition()
-        self._frame: Frame | None = None
-        self._recv_seq = 0
-        self._camera_info: CameraInfo | None = None
-
-        self._worker: threading.Thread | None = None
-        self._stop = threading.Event()
-
-        self._stats_lock = threading.Lock()
-        self._s = {
-            "frames_received": 0, "frames_processed": 0, "frames_skipped": 0,
-            "frames_idle": 0, "frames_behind_max": 0, "queries_ok": 0, "queries_failed": 0,
-            "model_errors": 0,
-        }
-        self._t = {k: _Stat() for k in ("decode", "model_depth", "model_seg", "publish",
-                                        "overhead", "end_to_end", "query")}
-        self._last_skip = ""
-        self._last_error = ""
-        self._last_error_time = -1e9
-        self._log_times: dict[str, float] = {}
-
-        self._cb_sensor = MutuallyExclusiveCallbackGroup()
-        self._cb_query = MutuallyExclusiveCallbackGroup()
-        self._cb_misc = ReentrantCallbackGroup()
-
+        self._pub_lock = threading.Lock()   # publishing vs deactivate / teardown
         self._pubs: dict[str, Any] = {}
         self._subs: list[Any] = []
-        self._srv = None
-        self._action = None
+        self._log_times: dict[str, float] = {}
 
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._diag_timer = self.create_timer(
-            float(self.get_parameter("diagnostics.period_s").value), self._publish_diagnostics,
-            callback_group=self._cb_misc)
+        self._diag_timer = self.create_timer(float(self.settings["diagnostics.period_s"]),
+                                             self._publish_diagnostics)
 
     # ------------------------------------------------------------------ parameters
     def _declare_parameters(self) -> None:
@@ -208,14 +148,17 @@ class CooperNode(LifecycleNode):
             if spec.type is float and isinstance(val, int) and not isinstance(val, bool):
                 val = float(val)  # YAML `5` for a float parameter
                 overrides[spec.name] = Parameter(spec.name, value=val)
+            elif spec.type is list and isinstance(val, (list, tuple)) and \
+                    all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in val):
+                val = [float(x) for x in val]  # YAML [0, 0, 1] for a double array
+                overrides[spec.name] = Parameter(spec.name, value=val)
             why = check_value(spec.name, val)
             if why:
                 errors.append(why)
         if errors:
             raise ParameterError("; ".join(errors))
         for spec in PARAMS:
-            d = ParameterDescriptor(description=spec.description,
-                                    read_only=False, dynamic_typing=False)
+            d = ParameterDescriptor(description=spec.description, read_only=False, dynamic_typing=False)
             extra = []
             if spec.min is not None and spec.type is float:
                 d.floating_point_range = [FloatingPointRange(
@@ -230,120 +173,119 @@ class CooperNode(LifecycleNode):
                 extra.append("applied at configure; change it while unconfigured")
             d.additional_constraints = "; ".join(extra)
             self.declare_parameter(spec.name, spec.default, d)
-        vals = self._param_values()
-        why = check_consistency(vals)
+        why = check_consistency(self._param_values())
         if why:
             raise ParameterError(why)
         known = set(SPEC_BY_NAME) | {"use_sim_time", "start_type_description_service"}
         for name in overrides:
             if name not in known and not name.startswith("qos_overrides."):
-                self.get_logger().warning(f"unknown parameter {name!r} in the parameters "
-                                          f"(ignored; typo?)")
+                self.get_logger().warning(f"unknown parameter {name!r} in the parameters (ignored; typo?)")
 
     def _param_values(self) -> dict[str, Any]:
-        return {p.name: self.get_parameter(p.name).value for p in PARAMS}
-
-    def _settings(self) -> Settings:
-        return Settings(self._param_values())
+        vals = {p.name: self.get_parameter(p.name).value for p in PARAMS}
+        for p in PARAMS:
+            if p.type is list:
+                vals[p.name] = [float(x) for x in vals[p.name]]
+        return vals
 
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
         vals = self._param_values()
         for p in params:
             if p.name not in SPEC_BY_NAME:
                 continue
-            v = p.value
-            why = check_value(p.name, v)
+            why = check_value(p.name, p.value)
+            if not why and p.name in RECONFIGURE_ONLY and self._configured and p.value != vals[p.name]:
+                why = (f"{p.name} is applied at configure: deactivate and clean up the node, set "
+                       f"it, then configure again")
             if why:
                 self.get_logger().warning(f"refused parameter change: {why}")
                 return SetParametersResult(successful=False, reason=why)
-            if p.name in RECONFIGURE_ONLY and self._configured and v != vals[p.name]:
-                why = (f"{p.name} is applied at configure: deactivate and clean up the node, set "
-                       f"it, then configure again")
-                self.get_logger().warning(f"refused parameter change: {why}")
-                return SetParametersResult(successful=False, reason=why)
-            vals[p.name] = v
+            vals[p.name] = p.value
         why = check_consistency(vals)
         if why:
             self.get_logger().warning(f"refused parameter change: {why}")
             return SetParametersResult(successful=False, reason=why)
-        for p in params:
-            if p.name == "diagnostics.period_s" and getattr(self, "_diag_timer", None) is not None:
-                self._diag_timer.timer_period_ns = int(float(p.value) * 1e9)
         return SetParametersResult(successful=True)
+
+    def _after_set_parameters(self, params: list[Parameter]) -> None:
+        self.settings = Settings(self._param_values())
+        if any(p.name == "diagnostics.period_s" for p in params):
+            self._diag_timer.timer_period_ns = int(self.settings["diagnostics.period_s"] * 1e9)
+        if self.worker is not None:
+            self.worker.notify()   # e.g. perception re-enabled
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
-        s = self._settings()
+        s = self.settings
         try:
-            self._load_model(s)
+            pipe = self._load_model(s)
         except Exception as exc:  # noqa: BLE001 - report any load failure as a failed transition
-            self._last_error = f"model load failed: {type(exc).__name__}: {exc}"
-            self.get_logger().error(self._last_error)
-            self._pipe = None
+            self.stats.error(f"model load failed: {type(exc).__name__}: {exc}")
+            self.get_logger().error(self.stats.last_error)
             return TransitionCallbackReturn.FAILURE
-        self._create_interfaces(s)
+        self._create_interfaces(s, pipe)
+        self.worker = ModelWorker(pipe, self.perception.ready, self.perception.step,
+                                  self._worker_crashed).start()
         self._configured = True
-        self._state_label = "inactive"
+        self.state_label = "inactive"
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._stop.clear()
-        self._active = True
-        self._worker = threading.Thread(target=self._perception_loop, name="cooper-perception",
-                                        daemon=True)
-        self._worker.start()
-        self._state_label = "active"
+        self.perception.reset()
+        with self._pub_lock:
+            self.active = True
+        self.state_label = "active"
+        self.worker.notify()
         self.get_logger().info("active: processing camera frames and answering queries")
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._stop_worker()
-        self._state_label = "inactive"
+        self._close_gate()
+        self.state_label = "inactive"
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._teardown()
-        self._state_label = "unconfigured"
-        return TransitionCallbackReturn.SUCCESS
+        return self._teardown("unconfigured")
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._teardown()
-        self._state_label = "finalized"
-        return TransitionCallbackReturn.SUCCESS
+        return self._teardown("finalized")
 
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._teardown()
-        self._state_label = "unconfigured"
-        return TransitionCallbackReturn.SUCCESS
+        return self._teardown("unconfigured")
 
-    def _stop_worker(self) -> None:
-        self._active = False
-        self._stop.set()
-        with self._frame_cv:
-            self._frame_cv.notify_all()
-        if self._worker is not None and self._worker is not threading.current_thread():
-            self._worker.join(timeout=60.0)
-        self._worker = None
+    def _close_gate(self) -> None:
+        """Stop publishing and drop the queued questions. The model call in flight finishes in
+        the worker; its outputs are not published."""
+        with self._pub_lock:
+            self.active = False
+        self.perception.reset()
+        if self.worker is not None:
+            self.worker.drop_queued("the node was deactivated")
 
-    def _teardown(self) -> None:
-        self._stop_worker()
+    def _teardown(self, label: str) -> TransitionCallbackReturn:
+        self._close_gate()
+        if self.worker is not None:
+            if not self.worker.stop(STOP_TIMEOUT_S):
+                self.stats.error(f"the model call in flight did not end within {STOP_TIMEOUT_S} s; "
+                                 f"the model is still loaded")
+                self.get_logger().error(self.stats.last_error)
+                return TransitionCallbackReturn.FAILURE
+            self.worker = None
+        with self._pub_lock:
+            for pub in self._pubs.values():
+                self.destroy_publisher(pub)
+            self._pubs = {}
         for sub in self._subs:
             self.destroy_subscription(sub)
         self._subs = []
-        for pub in self._pubs.values():
-            self.destroy_publisher(pub)
-        self._pubs = {}
-        if self._srv is not None:
-            self.destroy_service(self._srv)
-            self._srv = None
-        if self._action is not None:
-            self._action.destroy()
-            self._action = None
-        with self._model_lock:
-            self._pipe = None
+        self.perception.camera_infos.clear()
+        self.perception.sparse.clear()
+        self._release_memory()
         self._configured = False
+        self.state_label = label
+        return TransitionCallbackReturn.SUCCESS
 
-    def _load_model(self, s: Settings) -> None:
+    def _load_model(self, s: Settings):
         from cooper_model import BUNDLED_CHECKPOINT, CooperPipeline
 
         path = s["model.checkpoint"] or str(BUNDLED_CHECKPOINT)
@@ -352,92 +294,94 @@ class CooperNode(LifecycleNode):
             import torch
             device = "cuda" if torch.cuda.is_available() else "cpu"
         t0 = time.monotonic()
-        self.get_logger().info(f"loading checkpoint {path} on {device} ({s['model.dtype']}, "
-                               f"backend {s['model.backend']})")
+        self.get_logger().info(f"loading checkpoint {path} on {device} ({s['model.dtype']}, backend "
+                               f"{s['model.backend']}, device map {s['model.device_map'] or 'none'})")
         pipe = CooperPipeline.from_pretrained(path, device=device, dtype=s["model.dtype"],
-                                              backend=s["model.backend"])
-        self._pipe = pipe
-        self._pipe_info = {
-            "checkpoint": path, "device": device, "dtype": s["model.dtype"],
-            "backend": s["model.backend"], "trained": bool(getattr(pipe, "is_trained", False)),
-            "depth_range": tuple(getattr(pipe, "depth_range", (0.0, 0.0))),
-            "load_s": time.monotonic() - t0,
+                                              backend=s["model.backend"],
+                                              device_map=parse_device_map(s["model.device_map"]))
+        self.model_info = {
+            "checkpoint": path, "device": device, "dtype": s["model.dtype"], "backend": s["model.backend"],
+            "trained": bool(pipe.is_trained), "depth_range": tuple(pipe.depth_range),
+            "depth_is_metric": bool(pipe.depth_is_metric), "has_palette": bool(pipe.has_palette),
+            "load_s": round(time.monotonic() - t0, 3),
         }
-        msg = (f"model loaded in {self._pipe_info['load_s']:.1f} s; depth range "
-               f"{self._pipe_info['depth_range']} m")
-        self.get_logger().info(msg)
-        if not self._pipe_info["trained"]:
+        kind = "metric" if pipe.depth_is_metric else "relative"
+        self.get_logger().info(f"model loaded in {self.model_info['load_s']:.1f} s; depth is {kind}; "
+                               f"{'a palette of ' + str(len(pipe.class_names)) + ' classes' if pipe.has_palette else 'no palette (no labels)'}")
+        if not pipe.depth_is_metric:
+            how = (f"aligned to alignment/{s['alignment.source']}" if s["alignment.source"] != "none"
+                   else "not published: set alignment.source to align it to a metric sensor")
+            self.get_logger().info(f"relative depth goes to ~/depth/relative; metric ~/depth/image and "
+                                   f"~/points are {how}")
+        if not pipe.is_trained:
             self.get_logger().warning(
                 "the checkpoint's weights are UNTRAINED (random): depth, segmentation and "
                 "answers are meaningless until a trained checkpoint is used")
+        return pipe
 
-    def _create_interfaces(self, s: Settings) -> None:
+    def _create_interfaces(self, s: Settings, pipe) -> None:
         rel = (ReliabilityPolicy.BEST_EFFORT if s["input.reliability"] == "best_effort"
                else ReliabilityPolicy.RELIABLE)
         sensor_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=rel,
                                 durability=DurabilityPolicy.VOLATILE)
-        info_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
-                              reliability=ReliabilityPolicy.BEST_EFFORT,
-                              durability=DurabilityPolicy.VOLATILE)
-        out_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
-                             reliability=ReliabilityPolicy.RELIABLE,
+        # several messages: the one with the frame's stamp must still be there when work starts
+        buffered_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
+                                  reliability=ReliabilityPolicy.BEST_EFFORT,
+                                  durability=DurabilityPolicy.VOLATILE)
+        out_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.VOLATILE)
-        self._subs.append(self.create_subscription(
-            Image, "image", self._on_image, sensor_qos, callback_group=self._cb_sensor))
-        self._image_topic = self.resolve_topic_name("image")
+        latched_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                                 durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        p = self.perception
+        self.image_topic = self.resolve_topic_name("image")
+        self._subs.append(self.create_subscription(Image, "image", lambda m: p.on_frame(m, False), sensor_qos))
         if s["input.compressed"]:
             self._subs.append(self.create_subscription(
-                CompressedImage, self._image_topic.rstrip("/") + "/compressed",
-                self._on_compressed, sensor_qos, callback_group=self._cb_sensor))
-        self._subs.append(self.create_subscription(
-            CameraInfo, "camera_info", self._on_camera_info, info_qos,
-            callback_group=self._cb_sensor))
-        self._pubs = {
-            "depth": self.create_publisher(Image, "~/depth/image", out_qos),
-            "depth_colored": self.create_publisher(Image, "~/depth/colored", out_qos),
-            "depth_info": self.create_publisher(CameraInfo, "~/depth/camera_info", out_qos),
-            "seg": self.create_publisher(Image, "~/segmentation/image", out_qos),
-            "labels": self.create_publisher(Image, "~/segmentation/labels", out_qos),
-            "points": self.create_publisher(PointCloud2, "~/points", out_qos),
+                CompressedImage, self.image_topic.rstrip("/") + "/compressed",
+                lambda m: p.on_frame(m, True), sensor_qos))
+        self._subs.append(self.create_subscription(CameraInfo, "camera_info", p.camera_infos.add, buffered_qos))
+        if s["alignment.source"] != "none":
+            topic, typ = SPARSE_TOPICS[s["alignment.source"]]
+            self._subs.append(self.create_subscription(typ, topic, p.sparse.add, buffered_qos))
+        pubs = {
+            "depth": (Image, "~/depth/image"), "depth_relative": (Image, "~/depth/relative"),
+            "depth_colored": (Image, "~/depth/colored"), "depth_info": (CameraInfo, "~/depth/camera_info"),
+            "seg": (Image, "~/segmentation/image"), "points": (PointCloud2, "~/points"),
         }
-        srv_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
-                             reliability=ReliabilityPolicy.RELIABLE)
-        self._srv = self.create_service(SpatialQuery, s["query.service_name"], self._on_query,
-                                        qos_profile=srv_qos, callback_group=self._cb_query)
-        if s["query.action_name"]:
-            self._action = ActionServer(
-                self, SpatialQueryAction, s["query.action_name"], self._on_action,
-                goal_callback=lambda _g: GoalResponse.ACCEPT,
-                cancel_callback=lambda _g: CancelResponse.REJECT,
-                callback_group=self._cb_query)
+        if pipe.has_palette:
+            pubs["labels"] = (Image, "~/segmentation/labels")
+        with self._pub_lock:
+            self._pubs = {k: self.create_publisher(t, name, out_qos) for k, (t, name) in pubs.items()}
+            if pipe.has_palette:   # once, latched: what label i means, for RViz and downstream nodes
+                self._pubs["classes"] = self.create_publisher(String, "~/segmentation/classes", latched_qos)
+                self._pubs["classes"].publish(String(data=json.dumps({"classes": [
+                    {"id": i, "name": n, "color": [int(c) for c in col]}
+                    for i, (n, col) in enumerate(zip(pipe.class_names, pipe.palette))]})))
+        names = (s["query.service_name"], s["query.action_name"])
+        if self._queries is not None and self._queries.names != names:
+            self._queries.destroy()
+            self._queries = None
+        if self._queries is None:   # kept over cleanup: a question in flight can still be answered
+            self._queries = QueryServer(self, *names)
 
-    # ------------------------------------------------------------------ input
-    def _on_image(self, msg: Image) -> None:
-        self._store_frame(msg, compressed=False)
+    # ------------------------------------------------------------------ used by the parts
+    def publish(self, key: str, msg) -> bool:
+        """Publish on output ``key`` if the node is active; False when it was not published."""
+        with self._pub_lock:
+            pub = self._pubs.get(key) if self.active else None
+            if pub is None:
+                return False
+            pub.publish(msg)
+            return True
 
-    def _on_compressed(self, msg: CompressedImage) -> None:
-        self._store_frame(msg, compressed=True)
+    def subscribed(self, *keys: str) -> bool:
+        with self._pub_lock:
+            return any(k in self._pubs and self._pubs[k].get_subscription_count() > 0 for k in keys)
 
-    def _store_frame(self, msg, compressed: bool) -> None:
-        with self._frame_cv:
-            self._recv_seq += 1
-            self._frame = Frame(msg, compressed, self._recv_seq, time.monotonic_ns())
-            self._frame_cv.notify()
-        with self._stats_lock:
-            self._s["frames_received"] += 1
+    def age_s(self, stamp) -> float:
+        return (self.get_clock().now().nanoseconds - stamp_ns(stamp)) / 1e9
 
-    def _on_camera_info(self, msg: CameraInfo) -> None:
-        self._camera_info = msg
-
-    def _decode(self, msg, compressed: bool, max_pixels: int) -> np.ndarray:
-        if compressed:
-            return ic.decode_compressed(msg, max_pixels)
-        return ic.image_to_rgb8(msg, max_pixels)
-
-    def _age_s(self, stamp) -> float:
-        return (self.get_clock().now().nanoseconds - _stamp_ns(stamp)) / 1e9
-
-    def _log(self, level: str, text: str) -> None:
+    def log(self, level: str, text: str) -> None:
         """Log at a severity chosen at run time (rclpy refuses to change the severity of one
         call site between calls, so each severity has its own line here)."""
         lg = self.get_logger()
@@ -448,224 +392,29 @@ class CooperNode(LifecycleNode):
         else:
             lg.info(text)
 
-    def _log_throttled(self, level: str, key: str, text: str, period: float = 2.0) -> None:
+    def log_throttled(self, level: str, key: str, text: str, period: float = 2.0) -> None:
         now = time.monotonic()
         if now - self._log_times.get(key, -1e9) >= period:
             self._log_times[key] = now
-            self._log(level, text)
+            self.log(level, text)
 
-    # ------------------------------------------------------------------ perception
-    def _wanted_outputs(self, s: Settings) -> dict[str, bool]:
-        p = self._pubs
-        if not p or not s["perception.enabled"]:
-            return {}
-
-        def on(key, pub):
-            return bool(s[key]) and p[pub].get_subscription_count() > 0
-
-        w = {
-            "depth": on("outputs.depth", "depth") or on("outputs.depth", "depth_info"),
-            "depth_colored": on("outputs.depth_colored", "depth_colored"),
-            "points": on("outputs.points", "points"),
-            "seg": on("outputs.segmentation", "seg"),
-            "labels": on("outputs.labels", "labels"),
-        }
-        return {k: v for k, v in w.items() if v}
-
-    def _perception_loop(self) -> None:
-        last_seq = 0
-        last_start = 0.0
-        while not self._stop.is_set():
-            with self._frame_cv:
-                while not self._stop.is_set() and (self._frame is None or self._frame.seq == last_seq):
-                    self._frame_cv.wait(timeout=0.5)
-                if self._stop.is_set():
-                    return
-            s = self._settings()
-            rate = s["perception.rate_hz"]
-            if rate > 0:
-                wait = last_start + 1.0 / rate - time.monotonic()
-                if wait > 0 and self._stop.wait(wait):
-                    return
-            want = self._wanted_outputs(s)
-            if not want:
-                with self._frame_cv:
-                    last_seq = self._frame.seq if self._frame else last_seq
-                with self._stats_lock:
-                    self._s["frames_idle"] += 1
-                continue
-            last_start = time.monotonic()
-            try:
-                last_seq = self._process_newest(s, want)
-            except Exception as exc:  # noqa: BLE001 - never let the worker die
-                self._last_error = f"perception failed: {type(exc).__name__}: {exc}"
-                self.get_logger().error(self._last_error + "\n" + traceback.format_exc())
-                with self._stats_lock:
-                    self._s["model_errors"] += 1
-                with self._frame_cv:
-                    last_seq = self._frame.seq if self._frame else last_seq
-
-    def _yield_to_queries(self) -> None:
-        """A query waiting for the model goes before the next perception step."""
-        while self._queries_waiting > 0 and not self._stop.is_set():
-            time.sleep(0.002)
-
-    def _skip(self, frame: Frame, reason: str) -> None:
-        with self._stats_lock:
-            self._s["frames_skipped"] += 1
-        self._last_skip = reason
-        self._log_throttled("warning", "skip:" + reason[:60],
-                            f"skipped camera frame #{frame.seq}: {reason}")
-
-    def _model_failed(self, frame: Frame, exc: Exception) -> None:
-        with self._stats_lock:
-            self._s["model_errors"] += 1
-        kind = "out of memory" if _is_oom(exc) else "error"
-        self._last_error = f"model {kind} on frame #{frame.seq}: {type(exc).__name__}: {exc}"
-        self._last_error_time = time.monotonic()
-        self._log_throttled("error", "model:" + type(exc).__name__,
-                            self._last_error + " (frame skipped)")
+    def model_failed(self, what: str, exc: Exception) -> str:
+        """Count and log a model error (the node keeps running); returns its short name."""
+        self.stats.inc("model_errors")
+        kind = "model ran out of memory" if is_oom(exc) else "model error"
+        self.stats.error(f"{kind} on {what}: {type(exc).__name__}: {exc}")
+        self.log_throttled("error", "model:" + type(exc).__name__,
+                           self.stats.last_error + (" (frame skipped)" if what.startswith("frame") else ""))
         self._release_memory()
+        return kind
 
-    def _process_newest(self, s: Settings, want: dict) -> int:
-        """Depth then segmentation of the newest frame; returns the frame's seq.
-
-        The frame is taken when the model is free (so it is the newest one when work starts);
-        depth outputs are published before segmentation runs, and a waiting query may use the
-        model between the two.
-        """
-        need_depth = bool(want.get("depth") or want.get("depth_colored") or want.get("points"))
-        need_seg = bool(want.get("seg") or want.get("labels"))
-        ov = s.generation_overrides()
-        self._yield_to_queries()
-        with self._model_lock:
-            if self._pipe is None:
-                return 0
-            with self._frame_cv:
-                frame = self._frame
-                newest_seq = self._recv_seq
-            header = frame.msg.header
-            t0 = time.perf_counter()
-            max_age = s["input.max_image_age_s"]
-            if max_age > 0 and _stamp_ns(header.stamp) > 0:
-                age = self._age_s(header.stamp)
-                if age > max_age:
-                    self._skip(frame, f"frame is {age:.2f} s old (input.max_image_age_s={max_age})")
-                    return frame.seq
-            try:
-                rgb = self._decode(frame.msg, frame.compressed, s["input.max_pixels"])
-            except ic.ImageConversionError as exc:
-                self._skip(frame, str(exc))
-                return frame.seq
-            t_dec = time.perf_counter() - t0
-            with self._stats_lock:
-                self._s["frames_behind_max"] = max(self._s["frames_behind_max"], newest_seq - frame.seq)
-            depth_out = None
-            if need_depth:
-                depth_out, t_depth = self._infer(frame, self._pipe.depth, rgb, ov)
-                if depth_out is None:
-                    return frame.seq
-        t_pub = 0.0
-        if depth_out is not None:
-            t1 = time.perf_counter()
-            self._publish_depth(header, rgb, depth_out, s, want)
-            t_pub += time.perf_counter() - t1
-            e2e = self._age_s(header.stamp) if _stamp_ns(header.stamp) > 0 else float("nan")
-            with self._stats_lock:
-                self._t["model_depth"].add(t_depth)
-                if e2e == e2e:
-                    self._t["end_to_end"].add(e2e)
-        if need_seg:
-            self._yield_to_queries()
-            with self._model_lock:
-                if self._pipe is None:
-                    return frame.seq
-                seg_out, t_seg = self._infer(frame, self._pipe.segment, rgb, ov)
-                if seg_out is None:
-                    return frame.seq
-            t1 = time.perf_counter()
-            self._publish_seg(header, seg_out, want)
-            t_pub += time.perf_counter() - t1
-            with self._stats_lock:
-                self._t["model_seg"].add(t_seg)
-        with self._stats_lock:
-            self._s["frames_processed"] += 1
-            self._t["decode"].add(t_dec)
-            self._t["publish"].add(t_pub)
-            self._t["overhead"].add(t_dec + t_pub)
-        return frame.seq
-
-    def _infer(self, frame, task, rgb, overrides):
-        """One model call on a camera frame: (output, seconds), or (None, 0) when the model refused
-        or failed; then the frame is skipped with the reason logged and counted."""
-        from cooper_model.pipeline import CooperInputError
-
-        t1 = time.perf_counter()
-        try:
-            out = task(rgb, **overrides)
-        except CooperInputError as exc:
-            self._skip(frame, f"model refused the frame: {exc}")
-            return None, 0.0
-        except Exception as exc:  # noqa: BLE001 - any model failure skips the frame, the node stays up
-            self._model_failed(frame, exc)
-            return None, 0.0
-        return out, time.perf_counter() - t1
-
-    def _publish_depth(self, header, rgb, depth_out, s: Settings, want: dict) -> None:
-        p = self._pubs
-        depth = np.asarray(depth_out.depth, dtype=np.float32)
-        lo, hi = s["depth.min_m"], s["depth.max_m"]
-        if lo > 0 or hi > 0:  # REP 118: -inf too close, +inf too far, NaN invalid
-            depth = depth.copy()
-            with np.errstate(invalid="ignore"):
-                if lo > 0:
-                    depth[depth < lo] = -np.inf
-                if hi > 0:
-                    depth[depth > hi] = np.inf
-        if want.get("depth"):
-            p["depth"].publish(ic.array_to_image(depth, "32FC1", header))
-            ci = self._camera_info
-            if ci is not None:
-                out = CameraInfo()
-                out.header = header
-                out.height, out.width = ci.height, ci.width
-                out.distortion_model, out.d = ci.distortion_model, ci.d
-                out.k, out.r, out.p = ci.k, ci.r, ci.p
-                out.binning_x, out.binning_y, out.roi = ci.binning_x, ci.binning_y, ci.roi
-                p["depth_info"].publish(out)
-        if want.get("depth_colored"):
-            p["depth_colored"].publish(ic.array_to_image(depth_out.colored, "rgb8", header))
-        if want.get("points"):
-            ci = self._camera_info
-            if ci is None:
-                self._log_throttled("warning", "points-noinfo",
-                                    "~/points needs camera_info; none received yet", 10.0)
-            else:
-                try:
-                    k = self._scaled_k(ci, depth.shape)
-                    xyz, col = depth_to_points(depth, k, s["outputs.points_stride"],
-                                               rgb if s["outputs.points_colored"] else None)
-                    p["points"].publish(make_pointcloud2(xyz, header, col))
-                except ValueError as exc:
-                    self._log_throttled("warning", "points", f"~/points not published: {exc}", 10.0)
-
-    def _publish_seg(self, header, seg_out, want: dict) -> None:
-        p = self._pubs
-        if want.get("seg"):
-            p["seg"].publish(ic.array_to_image(seg_out.color, "rgb8", header))
-        if want.get("labels"):
-            p["labels"].publish(ic.array_to_image(
-                np.asarray(seg_out.labels, dtype=np.uint16), "16UC1", header))
+    def _worker_crashed(self, tb: str) -> None:
+        self.stats.inc("model_errors")
+        self.stats.error("perception failed: " + tb.strip().splitlines()[-1])
+        self.get_logger().error("perception step failed (the worker goes on):\n" + tb)
 
     @staticmethod
-    def _scaled_k(ci: CameraInfo, shape) -> np.ndarray:
-        k = np.asarray(ci.k, dtype=np.float64).reshape(3, 3).copy()
-        if ci.width and ci.height and (ci.width != shape[1] or ci.height != shape[0]):
-            k[0] *= shape[1] / ci.width
-            k[1] *= shape[0] / ci.height
-        return k.reshape(-1)
-
-    def _release_memory(self) -> None:
+    def _release_memory() -> None:
         try:
             import torch
             if torch.cuda.is_available():
@@ -673,198 +422,46 @@ class CooperNode(LifecycleNode):
         except Exception:  # pragma: no cover
             pass
 
-    # ------------------------------------------------------------------ queries
-    def _on_query(self, req, resp):
-        try:
-            self._answer(req, resp)
-        except Exception as exc:  # noqa: BLE001 - last resort: a service callback must not raise
-            resp.success = False
-            resp.message = _clean(f"internal error: {type(exc).__name__}: {exc}")
-        return resp
-
-    def _on_action(self, goal_handle):
-        req = goal_handle.request
-        fb = SpatialQueryAction.Feedback()
-        t0 = time.monotonic()
-        fb.stage = "running"
-        goal_handle.publish_feedback(fb)
-        result = SpatialQueryAction.Result()
-        turns = []
-
-        def on_event(kind, value):  # called by the model as each turn / map is produced
-            fb = SpatialQueryAction.Feedback()
-            fb.stage, fb.elapsed_s = kind, float(time.monotonic() - t0)
-            if kind == "turn":
-                fb.turn_index, fb.turn_text = len(turns), _clean(value)
-                turns.append(value)
-            else:
-                fb.turn_index, fb.tool = max(len(turns) - 1, 0), _clean(value)
-            goal_handle.publish_feedback(fb)
-
-        self._answer(req, result, on_event)
-        if result.success:
-            goal_handle.succeed()
-        else:
-            goal_handle.abort()
-        return result
-
-    def _fail(self, resp, t0: float, text: str, level: str = "warning"):
-        resp.success = False
-        resp.message = _clean(text)
-        resp.latency_s = float(time.monotonic() - t0)
-        with self._stats_lock:
-            self._s["queries_failed"] += 1
-        self._log(level, f"spatial_query refused: {text}")
-        return resp
-
-    def _answer(self, req, resp, on_event=None):
-        t0 = time.monotonic()
-        try:
-            return self._answer_inner(req, resp, t0, on_event)
-        except Exception as exc:  # noqa: BLE001 - the service must always answer
-            self.get_logger().error(traceback.format_exc())
-            return self._fail(resp, t0, f"internal error: {type(exc).__name__}: {exc}", "error")
-
-    def _answer_inner(self, req, resp, t0: float, on_event=None):
-        s = self._settings()
-        if not self._active or self._pipe is None:
-            return self._fail(resp, t0, f"node is not active (lifecycle state: {self._state_label})")
-        question = req.question or ""
-        if not question.strip():
-            return self._fail(resp, t0, "question is empty")
-        limit = s["query.max_question_chars"]
-        if len(question) > limit:
-            return self._fail(resp, t0, f"question too long: {len(question)} characters, the limit "
-                                        f"is {limit} (parameter query.max_question_chars)")
-        mode_in = (req.mode or "").strip().lower()
-        if mode_in not in MODE_ALIASES:
-            return self._fail(resp, t0, f"unknown mode {req.mode!r}: use one of "
-                                        f"{', '.join(repr(m) for m in MODES)} or empty (adaptive)")
-        mode = MODE_ALIASES[mode_in] or MODE_ALIASES[s["query.default_mode"]]
-        max_turns = int(req.max_turns) or int(s["query.max_turns"])
-
-        img = req.image
-        max_px = s["input.max_pixels"]
-        if img.width == 0 and img.height == 0 and len(img.data) == 0 and not img.encoding:
-            with self._frame_cv:
-                frame = self._frame
-            if frame is None:
-                return self._fail(resp, t0, f"no camera frame received yet on "
-                                            f"{getattr(self, '_image_topic', 'image')} and the "
-                                            f"request has no image")
-            header = frame.msg.header
-            max_age = s["input.max_image_age_s"]
-            if max_age > 0 and _stamp_ns(header.stamp) > 0:
-                age = self._age_s(header.stamp)
-                if age > max_age:
-                    return self._fail(resp, t0, f"newest camera frame is {age:.2f} s old, the limit "
-                                                f"is {max_age} s (parameter input.max_image_age_s)")
-            try:
-                rgb = self._decode(frame.msg, frame.compressed, max_px)
-            except ic.ImageConversionError as exc:
-                return self._fail(resp, t0, f"newest camera frame is unusable: {exc}")
-        else:
-            header = img.header
-            try:
-                rgb = ic.image_to_rgb8(img, max_px)
-            except ic.ImageConversionError as exc:
-                return self._fail(resp, t0, f"invalid image in request: {exc}")
-
-        from cooper_model.pipeline import CooperInputError
-
-        ov = s.generation_overrides(for_query=True)
-        with self._qw_lock:
-            self._queries_waiting += 1
-        try:
-            self._model_lock.acquire()
-        finally:
-            with self._qw_lock:
-                self._queries_waiting -= 1
-        try:
-            if self._pipe is None:
-                return self._fail(resp, t0, "model was unloaded")
-            try:
-                out = self._pipe.ask(rgb, question, mode=mode, max_turns=max_turns, on_event=on_event, **ov)
-            except CooperInputError as exc:
-                return self._fail(resp, t0, f"the model refused the input: {exc}")
-            except Exception as exc:  # noqa: BLE001
-                with self._stats_lock:
-                    self._s["model_errors"] += 1
-                self._release_memory()
-                what = "model ran out of memory" if _is_oom(exc) else "model error"
-                self._last_error = f"{what} during query: {type(exc).__name__}: {exc}"
-                self._last_error_time = time.monotonic()
-                return self._fail(resp, t0, f"{what} during inference: {type(exc).__name__}: "
-                                            f"{exc}", "error")
-        finally:
-            self._model_lock.release()
-
-        resp.success = True
-        resp.message = "" if self._pipe_info.get("trained") else \
-            "warning: the model's weights are untrained; the answer is meaningless"
-        resp.answer = _clean(out.answer)
-        resp.boxed_answer = _clean(out.boxed_answer)
-        resp.reasoning_turns = [_clean(t) for t in out.turns]
-        resp.tools_used = [_clean(t) for t in out.tools_used]
-        if s["query.return_images"]:
-            resp.auxiliary_images = [ic.array_to_image(np.asarray(im, dtype=np.uint8), "rgb8", header)
-                                     for _name, im in out.images]
-            resp.auxiliary_image_names = [_clean(n) for n, _im in out.images]
-        resp.image_stamp = TimeMsg(sec=header.stamp.sec, nanosec=header.stamp.nanosec)
-        resp.image_frame_id = header.frame_id
-        resp.latency_s = float(time.monotonic() - t0)
-        with self._stats_lock:
-            self._s["queries_ok"] += 1
-            self._t["query"].add(resp.latency_s)
-        return resp
-
     # ------------------------------------------------------------------ diagnostics
     def diagnostics_values(self) -> dict[str, str]:
-        with self._stats_lock:
-            v = {k: str(x) for k, x in self._s.items()}
-            for k, st in self._t.items():
-                v[f"{k}_last_s"] = f"{st.last:.6f}"
-                v[f"{k}_mean_s"] = f"{st.mean:.6f}"
-                v[f"{k}_max_s"] = f"{st.max:.6f}"
-                v[f"{k}_count"] = str(st.n)
-        v["lifecycle_state"] = self._state_label
-        v["rss_mb"] = f"{_rss_mb():.1f}"
-        v["last_skip_reason"] = self._last_skip
-        v["last_error"] = self._last_error
-        for k, x in self._pipe_info.items():
+        v = self.stats.values()
+        v["queries_waiting"] = str(self.worker.waiting if self.worker is not None else 0)
+        v["model_worker_threads"] = str(sum(t.name == THREAD_NAME and t.is_alive() for t in threading.enumerate()))
+        v["lifecycle_state"] = self.state_label
+        for k, x in self.model_info.items():
             v[f"model_{k}"] = str(x)
         return v
 
     def _publish_diagnostics(self) -> None:
-        arr = DiagnosticArray()
-        arr.header.stamp = self.get_clock().now().to_msg()
-        st = DiagnosticStatus()
-        st.name = f"{self.get_name()}: cooper perception"
-        st.hardware_id = str(self._pipe_info.get("device", ""))
-        vals = self.diagnostics_values()
-        if not self._configured:
-            st.level, st.message = DiagnosticStatus.WARN, f"not configured ({self._state_label})"
-            if self._last_error:
-                st.level, st.message = DiagnosticStatus.ERROR, self._last_error
-        elif not self._active:
-            st.level, st.message = DiagnosticStatus.WARN, "inactive"
-        elif self._last_error and time.monotonic() - self._last_error_time < 10.0:
-            st.level, st.message = DiagnosticStatus.WARN, self._last_error
-        elif not self._pipe_info.get("trained"):
-            st.level, st.message = DiagnosticStatus.WARN, "running on UNTRAINED weights"
-        else:
-            st.level, st.message = DiagnosticStatus.OK, "running"
-        st.values = [KeyValue(key=k, value=x) for k, x in vals.items()]
-        arr.status = [st]
-        self._diag_pub.publish(arr)
+        st = self.stats
+        self._diag_pub.publish(diagnostic_array(
+            self.get_name(), self.get_clock().now().to_msg(), self.state_label, self._configured,
+            self.active, bool(self.model_info.get("trained")), str(self.model_info.get("device", "")),
+            self.diagnostics_values(), st.last_error, time.monotonic() - st.last_error_time < 10.0))
+
+    def destroy_node(self) -> None:
+        if self._queries is not None:
+            self._queries.destroy()
+            self._queries = None
+        super().destroy_node()
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the node until SIGINT/SIGTERM, then shut down in order: stop publishing, let the
+    model call in flight end, destroy the node, and only then the ROS context (so nothing is
+    published on a dead context)."""
     apply_default_environment()
-    args = sys.argv if argv is None else argv
-    rclpy.init(args=args)
+    rclpy.init(args=sys.argv if argv is None else argv, signal_handler_options=SignalHandlerOptions.NO)
+    stop = threading.Event()
+    executor = SingleThreadedExecutor()
+
+    def on_signal(_signum, _frame):
+        stop.set()
+        executor.wake()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     node = None
-    rc = 0
     try:
         try:
             node = CooperNode()
@@ -875,36 +472,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[cooper] invalid parameters, not starting: {type(exc).__name__}: {exc}",
                   file=sys.stderr, flush=True)
             return 2
-        executor = MultiThreadedExecutor(num_threads=4)
         executor.add_node(node)
-        if node.get_parameter("lifecycle.autostart").value:
+        if node.settings["lifecycle.autostart"]:
             if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
-                print(f"[cooper] configure failed: {node._last_error}", file=sys.stderr, flush=True)
+                print(f"[cooper] configure failed: {node.stats.last_error}", file=sys.stderr, flush=True)
                 return 3
             node.trigger_activate()
-        while rclpy.ok():
+        while not stop.is_set() and rclpy.ok():
             try:
                 executor.spin_once(timeout_sec=0.5)
-            except (KeyboardInterrupt, ExternalShutdownException):
-                break
             except Exception:  # noqa: BLE001 - a failing callback must not take the node down
-                if not rclpy.ok():
-                    break
-                try:
-                    node.get_logger().error("callback failed (node keeps running):\n"
-                                            + traceback.format_exc())
-                except Exception:  # pragma: no cover
-                    pass
+                node.get_logger().error("callback failed (node keeps running):\n" + traceback.format_exc())
+        if node.state_label not in ("finalized", "unconfigured"):
+            node.trigger_shutdown()
+        elif node.state_label == "unconfigured":
+            node._teardown("finalized")
     finally:
         if node is not None:
-            try:
-                node._stop_worker()
-                node.destroy_node()
-            except Exception:  # pragma: no cover
-                pass
-        if rclpy.ok():
-            rclpy.try_shutdown()
-    return rc
+            executor.remove_node(node)
+            node.destroy_node()
+        executor.shutdown()
+        rclpy.try_shutdown()
+    return 0
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ default" and nothing is passed to the pipeline.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -41,6 +42,7 @@ class ParamSpec:
     max: float | int | None = None
     choices: tuple | None = None
     pattern: str | None = None          # regex a string must match (fullmatch)
+    check: Callable[[Any], str | None] | None = None  # further rule: the reason it fails, or None
     additional: str = ""                # extra constraint text for the descriptor
 
     @property
@@ -49,6 +51,13 @@ class ParamSpec:
 
 
 INT32_MAX = 2**31 - 1
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 PARAMS: list[ParamSpec] = [
     # --- model (applied at configure; changing them needs cleanup + configure) ---
@@ -61,23 +70,41 @@ PARAMS: list[ParamSpec] = [
     ParamSpec("model.dtype", "float32", "Compute dtype of the model.",
               choices=("float32", "bfloat16", "float16")),
     ParamSpec("model.backend", "eager",
-              "Execution backend of the model: eager PyTorch, or compile (torch.compile of the "
-              "decoder layers; slow first call, then faster on GPUs).",
-              choices=("eager", "compile")),
+              "Execution backend of the model, or a comma-separated fallback chain the pipeline "
+              "resolves in order (e.g. tensorrt,onnxruntime,eager): the first that works on this "
+              "machine is used and reported in /diagnostics.",
+              pattern=r"[a-z_]+( *, *[a-z_]+)*"),
+    ParamSpec("model.device_map", "",
+              "Device map passed to CooperPipeline.from_pretrained: empty = none (everything on "
+              "model.device), auto (accelerate spreads the model over the visible devices), or a "
+              "JSON object {module name: device}.",
+              check=lambda v: None if v in ("", "auto") or _is_json_object(v) else
+              "must be empty, auto or a JSON object such as {\"language_model\": \"cuda:0\"}"),
     # --- perception stream ---
     ParamSpec("perception.enabled", True, "Run depth/segmentation on incoming camera frames."),
     ParamSpec("perception.rate_hz", 0.0,
               "Maximum perception rate in Hz; 0 = as fast as the model allows. The node always "
               "works on the newest frame and drops the others.", min=0.0, max=1000.0),
-    ParamSpec("outputs.depth", True, "Publish ~/depth/image (32FC1, metres) and ~/depth/camera_info."),
+    ParamSpec("outputs.depth", True,
+              "Publish ~/depth/image (32FC1, metres) and ~/depth/camera_info, when the checkpoint's "
+              "depth is metric or aligned to a metric source (alignment.source)."),
+    ParamSpec("outputs.depth_relative", True,
+              "Publish ~/depth/relative (32FC1, unitless in [0, 1], larger = farther): the model's "
+              "depth before any metric scale."),
     ParamSpec("outputs.depth_colored", True, "Publish ~/depth/colored (rgb8 visualisation)."),
     ParamSpec("outputs.segmentation", True, "Publish ~/segmentation/image (rgb8 colour map)."),
-    ParamSpec("outputs.labels", True, "Publish ~/segmentation/labels (16UC1 class ids)."),
+    ParamSpec("outputs.labels", True,
+              "Publish ~/segmentation/labels (16UC1 class ids), when the checkpoint declares a palette."),
     ParamSpec("outputs.points", True,
-              "Publish ~/points (PointCloud2 from depth + camera_info; needs camera_info)."),
+              "Publish ~/points (PointCloud2 from metric or aligned depth + the camera_info with the "
+              "frame's stamp)."),
     ParamSpec("outputs.points_stride", 2, "Use every n-th pixel in each direction for ~/points.",
               min=1, max=64),
     ParamSpec("outputs.points_colored", True, "Colour ~/points with the camera image (x,y,z,rgb)."),
+    ParamSpec("outputs.points_max_edge_jump", 0.05,
+              "Drop a point whose depth differs from a neighbouring pixel's by more than this "
+              "fraction of its depth (flying pixels along object edges); 0 = keep all.",
+              min=0.0, max=10.0),
     # --- generation settings (sentinel = model default) ---
     ParamSpec("generation.num_steps", 0,
               "Flow-matching denoising steps for generated maps (>= 2); 0 = model default.",
@@ -103,11 +130,33 @@ PARAMS: list[ParamSpec] = [
               "Resolution of the understanding (ViT) input; 0 = model default.", min=0, max=4096),
     # --- depth ---
     ParamSpec("depth.min_m", 0.0,
-              "Depth below this (metres) is published as -inf (too close, REP 118); 0 = the "
-              "model's own minimum.", min=0.0, max=10000.0),
+              "Metric depth below this (metres) is published as -inf (too close, REP 118); 0 = no "
+              "limit beyond the model's own range.", min=0.0, max=10000.0),
     ParamSpec("depth.max_m", 0.0,
-              "Depth above this (metres) is published as +inf (too far, REP 118); 0 = the "
-              "model's own maximum.", min=0.0, max=10000.0),
+              "Metric depth above this (metres) is published as +inf (too far, REP 118); 0 = no "
+              "limit beyond the model's own range.", min=0.0, max=10000.0),
+    # --- metric alignment of relative depth ---
+    ParamSpec("alignment.source", "none",
+              "Sparse metric source the depth is fitted to per frame (robust scale and shift): "
+              "none; depth = a depth image registered to the camera (topic alignment/depth, 32FC1 "
+              "metres or 16UC1 millimetres); points = PointCloud2 (alignment/points); scan = "
+              "LaserScan (alignment/scan). Points and scans are moved into the camera optical "
+              "frame with alignment.source_to_camera (no TF) and projected with the camera_info.",
+              choices=("none", "depth", "points", "scan")),
+    ParamSpec("alignment.source_to_camera", [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+              "Pose of the points/scan frame in the camera optical frame: x, y, z (metres), qx, qy, "
+              "qz, qw, as static_transform_publisher takes it (the node does not read TF).",
+              check=lambda v: None if sum(q * q for q in v[3:]) > 1e-12 else
+              "the quaternion (qx, qy, qz, qw) must not be zero"),
+    ParamSpec("alignment.tolerance_s", 0.1,
+              "Largest stamp difference between a frame and the sparse message it is fitted to.",
+              min=0.0, max=10.0),
+    ParamSpec("alignment.min_points", 20,
+              "Fewest valid sparse points for a fit; with fewer, the frame gets no metric depth.",
+              min=3, max=10_000_000),
+    ParamSpec("alignment.min_inlier_fraction", 0.5,
+              "Fits keeping fewer inliers than this fraction of the points are rejected.",
+              min=0.0, max=1.0),
     # --- input ---
     ParamSpec("input.max_pixels", 4096 * 4096,
               "Largest accepted image (width x height); larger ones are refused.",
@@ -117,6 +166,14 @@ PARAMS: list[ParamSpec] = [
               "skipped and refused by the service; 0 = no limit.", min=0.0, max=86400.0),
     ParamSpec("input.compressed", True,
               "Also subscribe to <image topic>/compressed (sensor_msgs/CompressedImage, JPEG/PNG)."),
+    ParamSpec("input.rectified", False,
+              "The image is rectified (e.g. image_rect): ~/points back-projects with the "
+              "camera_info's P. False (image_raw): pixel rays are undistorted with K and D "
+              "(plumb_bob, rational_polynomial, equidistant)."),
+    ParamSpec("input.camera_info_tolerance_s", 0.005,
+              "A frame is paired with the camera_info of the nearest stamp within this many "
+              "seconds; without one its ~/points and ~/depth/camera_info are skipped (counted).",
+              min=0.0, max=10.0),
     ParamSpec("input.reliability", "best_effort",
               "Reliability of the image subscriptions. best_effort receives from both kinds of "
               "publisher; reliable only from reliable ones.", choices=("best_effort", "reliable")),
@@ -147,8 +204,8 @@ SPEC_BY_NAME = {p.name: p for p in PARAMS}
 
 # changing these while the node is configured is refused (they are applied at configure)
 RECONFIGURE_ONLY = {"model.checkpoint", "model.device", "model.dtype", "model.backend",
-                    "query.service_name", "query.action_name", "input.reliability",
-                    "input.compressed"}
+                    "model.device_map", "query.service_name", "query.action_name",
+                    "input.reliability", "input.compressed", "alignment.source"}
 
 
 def check_value(name: str, value: Any) -> str | None:
@@ -159,6 +216,16 @@ def check_value(name: str, value: Any) -> str | None:
     t = spec.type
     if t is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if t is list:  # double arrays (rclpy hands them over as list or array.array)
+        try:
+            value = [float(x) for x in value]
+        except (TypeError, ValueError):
+            return f"{name} must be a list of numbers, got {value!r}"
+        n = len(spec.default)
+        if len(value) != n:
+            return f"{name} must have {n} numbers, got {len(value)}"
+        why = spec.check(value) if spec.check else None
+        return f"{name}={value!r}: {why}" if why else None
     if type(value) is not t:
         return (f"{name} must be of type {t.__name__}, got {type(value).__name__} "
                 f"({value!r})")
@@ -170,6 +237,10 @@ def check_value(name: str, value: Any) -> str | None:
         return f"{name}={value!r} is not one of {', '.join(map(repr, spec.choices))}"
     if spec.pattern is not None and not re.fullmatch(spec.pattern, value):
         return f"{name}={value!r} does not match {spec.pattern!r}"
+    if spec.check is not None:
+        why = spec.check(value)
+        if why:
+            return f"{name}={value!r}: {why}"
     return None
 
 

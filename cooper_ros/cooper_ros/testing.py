@@ -23,7 +23,7 @@ from .node import apply_default_environment, default_fastdds_profile, package_fi
 
 __all__ = ["ros_test_environment", "NodeProcess", "RosClient", "make_image", "pattern_frame",
            "FAST", "wait_for", "stamp", "now_stamp", "request", "small_image", "set_param",
-           "camera_info", "assert_good_request"]
+           "camera_info", "assert_good_request", "checkpoint_variant"]
 
 # fast settings for CPU tests (the pipeline's code paths are the same at any step count)
 FAST = {"generation.num_steps": 2, "query.max_new_tokens": 8, "query.max_turns": 2}
@@ -232,16 +232,35 @@ class RosClient:
         return self.node.get_clock().now()
 
     # --- subscribing
-    def collect(self, msg_type, topic: str, maxlen: int = 10000, reliable: bool = True):
-        """Subscribe and return a deque of (receive_time_ns, msg) that fills in the background."""
+    def collect(self, msg_type, topic: str, maxlen: int = 10000, reliable: bool = True,
+                latched: bool = False):
+        """Subscribe and return a deque of (receive_time_ns, msg) that fills in the background.
+        ``latched``: transient-local durability (receives what was published before)."""
+        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+
+        buf = _Buffer(maxlen=maxlen)
+        qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE if reliable
+                         else ReliabilityPolicy.BEST_EFFORT,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE)
+        sub = self.node.create_subscription(
+            msg_type, topic, lambda m: buf.append((self.node.get_clock().now().nanoseconds, m)), qos)
+        buf.subscription = sub
+        return buf
+
+    def stamps(self, msg_type, topic: str, maxlen: int = 1_000_000, reliable: bool = True):
+        """Like :meth:`collect`, but keeps only (receive_time_ns, header stamp ns, frame_id):
+        for long runs where keeping every message would fill memory."""
         from rclpy.qos import QoSProfile, ReliabilityPolicy
 
         buf = _Buffer(maxlen=maxlen)
         qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE if reliable
                          else ReliabilityPolicy.BEST_EFFORT)
-        sub = self.node.create_subscription(
-            msg_type, topic, lambda m: buf.append((self.node.get_clock().now().nanoseconds, m)), qos)
-        buf.subscription = sub
+
+        def keep(m):
+            st = m.header.stamp
+            buf.append((self.node.get_clock().now().nanoseconds,
+                        st.sec * 1_000_000_000 + st.nanosec, m.header.frame_id))
+        buf.subscription = self.node.create_subscription(msg_type, topic, keep, qos)
         return buf
 
     def unsubscribe(self, buf):
@@ -382,6 +401,28 @@ def camera_info(w, h, frame_id):
     ci.distortion_model = "plumb_bob"
     ci.d = [0.0] * 5
     return ci
+
+
+def checkpoint_variant(dest: str | Path, depth_kind: str | None = None, palette: bool = True,
+                       source: str | Path | None = None) -> Path:
+    """A copy of a checkpoint (default: the bundled one) with another depth kind and/or without
+    its palette, for testing what the node publishes for such checkpoints."""
+    import json
+    import shutil
+
+    from cooper_model import BUNDLED_CHECKPOINT
+
+    dest = Path(dest)
+    shutil.copytree(source or BUNDLED_CHECKPOINT, dest, dirs_exist_ok=True)
+    cfg_path = dest / "cooper_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if depth_kind is not None:
+        cfg["depth_kind"] = depth_kind
+    if not palette:
+        cfg.pop("palette", None)
+        cfg.pop("class_names", None)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return dest
 
 
 def fastdds_profile_path() -> str | None:
