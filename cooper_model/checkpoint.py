@@ -126,7 +126,8 @@ def read_config(path: str | Path) -> CooperConfig:
 def load_model(path: str | Path, config: CooperConfig | None = None, device="cpu", dtype="float32",
                device_map: str | dict | None = None, max_memory: dict | None = None) -> CooperModel:
     """Build on the meta device, check every name and shape, then assign tensors from the files.
-    `device_map="auto"` spreads layers over the visible GPUs with accelerate."""
+    `device_map`: None (everything on `device`), "auto" (accelerate spreads the layers over the
+    visible GPUs) or a dict {module name: device} (see `resolve_device_map`)."""
     path = Path(path)
     config = config or read_config(path)
     dtype = _dtype(dtype)
@@ -137,20 +138,10 @@ def load_model(path: str | Path, config: CooperConfig | None = None, device="cpu
     check_keys(expected, found, optional=CooperModel.POSITION_TABLES, where=str(path))
 
     if device_map is not None:
-        from accelerate import dispatch_model, infer_auto_device_map
-
-        if device_map == "auto":
-            device_map = infer_auto_device_map(model, max_memory=max_memory, dtype=dtype,
-                                               no_split_module_classes=CooperModel.NO_SPLIT_MODULES)
-            # Embeddings, heads and tables are used together: keep them beside the first layer.
-            first = device_map.get("language_model.model.layers.0", next(iter(device_map.values())))
-            for name in ("language_model.model.embed_tokens", "time_embedder", "vae2llm", "llm2vae",
-                         "latent_pos_embed", "connector", "vit_pos_embed"):
-                device_map[name] = first
+        device_map = resolve_device_map(model, device_map, dtype, max_memory)
 
         def device_of(key):
-            best = max((p for p in device_map if p == "" or key == p or key.startswith(p + ".")), key=len)
-            return device_map[best]
+            return device_map[max((p for p in device_map if _covers(p, key)), key=len)]
     else:
         def device_of(key):
             return device
@@ -165,8 +156,39 @@ def load_model(path: str | Path, config: CooperConfig | None = None, device="cpu
             model.get_submodule(key.rsplit(".", 1)[0]).reset_table()
     _rebuild_rotary(model)
     if device_map is not None:
+        from accelerate import dispatch_model
+
         model = dispatch_model(model, device_map=device_map)
     return model.eval()
+
+
+def _covers(prefix: str, key: str) -> bool:
+    return prefix == "" or key == prefix or key.startswith(prefix + ".")
+
+
+def resolve_device_map(model: CooperModel, device_map, dtype=torch.float32, max_memory: dict | None = None) -> dict:
+    """The placement of every module: "auto" asks accelerate (whole decoder layers, the embeddings,
+    heads and tables beside the first layer, since they are used together); a dict is checked to
+    place every tensor. Anything else is an error."""
+    if device_map == "auto":
+        from accelerate import infer_auto_device_map
+
+        device_map = infer_auto_device_map(model, max_memory=max_memory, dtype=_dtype(dtype),
+                                           no_split_module_classes=CooperModel.NO_SPLIT_MODULES)
+        first = device_map.get("language_model.model.layers.0", next(iter(device_map.values())))
+        for name in ("language_model.model.embed_tokens", "time_embedder", "vae2llm", "llm2vae",
+                     "latent_pos_embed", "connector", "vit_pos_embed"):
+            device_map[name] = first
+        return device_map
+    if not isinstance(device_map, dict):
+        raise ValueError(f"device_map must be None, 'auto' or a dict {{module name: device}}, got {device_map!r}")
+    names = list(model.state_dict())
+    unknown = [p for p in device_map if not any(_covers(p, k) for k in names)]
+    unplaced = sorted({k.rsplit(".", 1)[0] for k in names if not any(_covers(p, k) for p in device_map)})
+    if unknown or unplaced:
+        more = f" (and {len(unplaced) - 5} more)" if len(unplaced) > 5 else ""
+        raise ValueError(f"device_map: unknown modules {unknown}; modules placed nowhere {unplaced[:5]}{more}")
+    return dict(device_map)
 
 
 def _rebuild_rotary(model: CooperModel) -> None:

@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 
 from . import image_processor as ip
 from .autoencoder import FluxAutoencoder
+from .backends.feature_cache import MODES as FEATURE_CACHE_MODES
+from .backends.feature_cache import StepCache
 from .config import ImageTransformConfig
 from .modeling import CooperModel, causal_mask, flattened_position_ids, patchify, unpatchify
 from .tokenizer import SpecialTokens
@@ -89,6 +91,33 @@ class ImageGenerationSettings:
     cfg_interval: tuple[float, float] = (0.4, 1.0)
     cfg_renorm_type: str = "global"
     cfg_renorm_min: float = 0.0
+    # Speed knobs (defaults: upstream's sampling). False drops the image-free branch: a guided step
+    # costs two forward passes instead of three.
+    cfg_image_branch: bool = True
+    cfg_first_steps: int | None = None  # guide only the first N steps (still inside cfg_interval)
+    feature_cache: str = "none"  # "none", "reuse" (TeaCache-style), "taylor" (TaylorSeer-style)
+    feature_cache_threshold: float = 0.1  # accumulated relative input change that forces a computed step
+
+    def check_knobs(self) -> None:
+        if self.cfg_first_steps is not None and int(self.cfg_first_steps) < 0:
+            raise ValueError(f"cfg_first_steps must be >= 0 or None, got {self.cfg_first_steps}")
+        if self.feature_cache not in FEATURE_CACHE_MODES:
+            raise ValueError(f"feature_cache must be one of {', '.join(FEATURE_CACHE_MODES)}, got {self.feature_cache!r}")
+        if not self.feature_cache_threshold >= 0:
+            raise ValueError(f"feature_cache_threshold must be >= 0, got {self.feature_cache_threshold}")
+
+    def guidance(self, timesteps: torch.Tensor) -> list[tuple[float, float]]:
+        """(text scale, image scale) of each step; (1, 1) = unguided, one forward pass."""
+        out = []
+        for i in range(len(timesteps) - 1):
+            t = float(timesteps[i])
+            inside = self.cfg_interval[0] < t <= self.cfg_interval[1]
+            if self.cfg_first_steps is not None and i >= self.cfg_first_steps:
+                inside = False
+            text = self.cfg_text_scale if inside else 1.0
+            img = self.cfg_img_scale if inside and self.cfg_image_branch else 1.0
+            out.append((text, img))
+        return out
 
 
 class Inferencer:
@@ -101,6 +130,10 @@ class Inferencer:
         self.tokens = SpecialTokens.from_tokenizer(tokenizer)
         self.config = model.config
         self.progress = progress
+        # What runs the denoise step and the VAE decode (`backends/`); eager is the reference.
+        from .backends.eager import EagerBackend
+        self.backend = EagerBackend(self)
+        self.last_denoise = {}  # counters of the last generate_latents: steps computed, cached, passes
         # Next tokens are chosen among the tokenizer's ids only: lm_head may have padding rows
         # (BAGEL-7B: 152,064 rows, 151,665 tokens; upstream slices its logits to 151,665).
         self.text_vocab_size = min(len(tokenizer), self.config.llm.vocab_size)
@@ -281,28 +314,45 @@ class Inferencer:
     def generate_latents(self, ctx: Context, height: int, width: int, settings: ImageGenerationSettings,
                          cfg_text_ctx: Context | None = None, cfg_img_ctx: Context | None = None,
                          generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Rectified-flow Euler sampling with three-branch CFG inside the CFG interval."""
+        """Rectified-flow Euler sampling with three-branch CFG inside the CFG interval. The
+        branches of a step go to the backend together (one batched call where it can)."""
+        settings.check_knobs()
         x = (self.initial_noise(height, width, generator) if noise is None else noise).float().to(self.device)
         timesteps = shifted_timesteps(settings.num_steps, settings.timestep_shift)
-        steps = range(len(timesteps) - 1)
-        for i in tqdm(steps, disable=not self.progress, desc="denoise", leave=False):
+        guidance = settings.guidance(timesteps)
+        contexts = [ctx]
+        if any(text > 1.0 for text, _ in guidance):
+            if cfg_text_ctx is None:
+                raise ValueError("cfg_text_scale > 1 needs a text-free context (cfg_text_ctx)")
+            contexts.append(cfg_text_ctx)
+            if any(text > 1.0 and img > 1.0 for text, img in guidance):
+                if cfg_img_ctx is None:
+                    raise ValueError("cfg_img_scale > 1 needs an image-free context (cfg_img_ctx)")
+                contexts.append(cfg_img_ctx)
+        step = self.backend.prepare(contexts, height, width)
+        cache = StepCache(settings.feature_cache, settings.feature_cache_threshold, len(guidance))
+        pos = self._latent_positions(height, width) if settings.feature_cache != "none" else None
+        passes = 0
+        for i in tqdm(range(len(guidance)), disable=not self.progress, desc="denoise", leave=False):
             t = float(timesteps[i])
-            v = self.velocity(ctx, x, t, height, width)
-            inside = settings.cfg_interval[0] < t <= settings.cfg_interval[1]
-            text_scale = settings.cfg_text_scale if inside else 1.0
-            img_scale = settings.cfg_img_scale if inside else 1.0
-            if text_scale > 1.0:
-                if cfg_text_ctx is None:
-                    raise ValueError("cfg_text_scale > 1 needs a text-free context (cfg_text_ctx)")
-                v_text = self.velocity(cfg_text_ctx, x, t, height, width)
-                v_img = None
-                if img_scale > 1.0:
-                    if cfg_img_ctx is None:
-                        raise ValueError("cfg_img_scale > 1 needs an image-free context (cfg_img_ctx)")
-                    v_img = self.velocity(cfg_img_ctx, x, t, height, width)
-                v = combine_cfg(v, v_text, v_img, text_scale, img_scale, settings.cfg_renorm_type,
-                                settings.cfg_renorm_min)
+            text_scale, img_scale = guidance[i]
+            branches = 1 if text_scale <= 1.0 else 3 if img_scale > 1.0 else 2
+            if pos is None:
+                v = step(x, t, branches)
+                passes += branches
+            else:
+                signal = self.model.embed_latents(x, torch.tensor([t], device=self.device), pos).float()
+                before = cache.computed
+                v = cache(i, t, branches, signal, lambda: step(x, t, branches))
+                passes += branches * (cache.computed - before)
+            if branches > 1:
+                v = combine_cfg(v[0], v[1], v[2] if branches == 3 else None, text_scale, img_scale,
+                                settings.cfg_renorm_type, settings.cfg_renorm_min)
+            else:
+                v = v[0]
             x = x - v * float(timesteps[i] - timesteps[i + 1])
+        self.last_denoise = {"steps": len(guidance), "computed_steps": cache.computed if pos is not None else len(guidance),
+                             "cached_steps": cache.skipped, "forward_passes": passes, "backend": self.backend.name}
         return x
 
     @torch.no_grad()
@@ -310,7 +360,7 @@ class Inferencer:
         """Latent tokens -> image [3, H, W] in the decoder's [-1, 1] range."""
         rows, cols = self.latent_grid(height, width)
         latent = unpatchify(tokens, rows, cols, self.config.latent_patch_size, self.config.latent_channels)
-        return self.vae.decode(latent[None].to(self.device))[0].float()
+        return self.backend.decode(latent[None].to(self.device))[0].float()
 
 
 def decode_depth01(image: torch.Tensor) -> torch.Tensor:

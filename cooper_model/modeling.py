@@ -10,7 +10,7 @@ understanding expert (text and ViT tokens). Attention is shared over the whole s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -117,11 +117,16 @@ class MLPConnector(nn.Module):
 @dataclass
 class Routing:
     """Which packed tokens use which expert. `gen` is None when every token is an understanding
-    token (text, ViT): then the split costs nothing."""
+    token (text, ViT): then the split costs nothing.
+
+    One routing is handed to every layer, and with a device map the layers sit on several devices;
+    accelerate's hooks move tensors but not this dataclass, so each layer takes the indices on its
+    input's device, copied once per device."""
 
     und: torch.Tensor | None
     gen: torch.Tensor | None
     num_tokens: int
+    _placed: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_gen_mask(cls, gen_mask: torch.Tensor) -> "Routing":
@@ -130,14 +135,23 @@ class Routing:
             return cls(None, None, n)
         return cls(torch.nonzero(~gen_mask).flatten(), torch.nonzero(gen_mask).flatten(), n)
 
+    def indices(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(und, gen) on `device`."""
+        if self.gen is None or self.gen.device == device:
+            return self.und, self.gen
+        if device not in self._placed:
+            self._placed[device] = (None if self.und is None else self.und.to(device), self.gen.to(device))
+        return self._placed[device]
+
     def apply(self, x: torch.Tensor, und_fn, gen_fn) -> torch.Tensor:
         if self.gen is None:
             return und_fn(x)
-        gen_out = gen_fn(x[self.gen])
+        und, gen = self.indices(x.device)
+        gen_out = gen_fn(x[gen])
         out = gen_out.new_empty((self.num_tokens, *gen_out.shape[1:]))
-        out[self.gen] = gen_out
-        if self.und is not None and self.und.numel():
-            out[self.und] = und_fn(x[self.und]).to(gen_out.dtype)
+        out[gen] = gen_out
+        if und is not None and und.numel():
+            out[und] = und_fn(x[und]).to(gen_out.dtype)
         return out
 
 

@@ -74,6 +74,10 @@ class Settings(ImageGenerationSettings):
             raise CooperInputError("timestep_shift must be > 0 and CFG scales >= 0")
         if self.max_new_tokens < 1:
             raise CooperInputError("max_new_tokens must be >= 1")
+        try:
+            self.check_knobs()
+        except ValueError as exc:
+            raise CooperInputError(str(exc)) from None
 
 
 @dataclass
@@ -118,10 +122,14 @@ class CooperPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path = BUNDLED_CHECKPOINT, device: str | torch.device = "cpu",
-                        dtype="float32", backend: str = "eager", device_map=None, tokenizer=None,
-                        vae_dtype=None) -> "CooperPipeline":
-        """Load a checkpoint directory (see `checkpoint.py`). `backend`: `eager` or `compile`
-        (torch.compile of the network)."""
+                        dtype="float32", backend: str | list[str] = "eager", device_map=None, tokenizer=None,
+                        vae_dtype=None, backend_options: dict | None = None) -> "CooperPipeline":
+        """Load a checkpoint directory (see `checkpoint.py`). `backend`: what runs the denoise
+        loop and the VAE decode, one of `backends.BACKENDS` or a fallback chain such as
+        "tensorrt,onnxruntime,eager" (a list works too): the first that runs here is used
+        (`pipe.backend`), the reasons for skipping the others are logged (`pipe.backend_notes`).
+        `backend_options`: {backend name: keyword arguments}. `device_map`: None, "auto" or a
+        dict {module name: device}."""
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: checkpoint directory not found")
@@ -130,17 +138,37 @@ class CooperPipeline:
         model = load_model(path, config, device=device, dtype=dtype, device_map=device_map)
         vae = load_autoencoder(path, device=model.device, dtype=vae_dtype or dtype)
         tokenizer = tokenizer or load_tokenizer(path)
-        if backend == "compile":
-            model.language_model.model.layers = torch.nn.ModuleList(torch.compile(layer, dynamic=True)
-                                                                    for layer in model.language_model.model.layers)
-        elif backend != "eager":
-            raise ValueError(f"unknown backend {backend!r}; available: eager, compile")
-        return cls(Inferencer(model, vae, tokenizer), config)
+        pipe = cls(Inferencer(model, vae, tokenizer), config)
+        pipe.use_backend(backend, backend_options)
+        return pipe
+
+    def use_backend(self, backend: str | list[str] = "eager", options: dict | None = None) -> str:
+        """Switch what runs the denoise loop and the VAE decode (see `from_pretrained`)."""
+        from .backends import select_backend
+
+        chosen = select_backend(backend, self.inferencer, options)
+        with self._lock:  # never under a call that is running
+            self.inferencer.backend = chosen
+        return self.backend
+
+    @property
+    def backend(self) -> str:
+        return self.inferencer.backend.name
+
+    @property
+    def backend_notes(self) -> list[str]:
+        return list(self.inferencer.backend.notes)
 
     # Properties the node shows -----------------------------------------------------------------
     @property
     def is_trained(self) -> bool:
         return bool(self.config.trained)
+
+    @property
+    def reasoning_trained(self) -> bool:
+        """Whether answers mean anything: the weights went through stage 2 (or are released ones)."""
+        stages = self.config.trained_stages
+        return self.is_trained and (stages is None or "stage2" in stages)
 
     @property
     def depth_range(self) -> tuple[float, float]:
