@@ -274,10 +274,11 @@ def test_sft_teaches_the_loop_to_call_the_tool(taught):
 def test_grpo_smoke_rollouts_generate_maps_and_the_policy_moves(taught):
     out, row = taught
     run = out / "grpo"
-    # temperature 1.5 (upstream 1.0) so that a group of 4 rollouts of a memorised trace differs
+    # at upstream's temperature 1.0 the taught model calls the tool in ~94% of rollouts and keeps the
+    # format in ~56% (measured over 16 seeds), so a group of 6 has differing rewards
     grpo.main([f"output_dir={run}", f"init_from={out / 'sft' / 'export'}", f"tokenizer={out / 'tok'}",
                f"data_dir={out / 'data'}", f"image_root={SAMPLE}", "total_steps=1", "batch_size=1",
-               "num_generations=4", "temperature=1.5", "max_think_tokens=64", "num_steps=3", "save_every=1",
+               "num_generations=6", "temperature=1.0", "max_think_tokens=64", "num_steps=3", "save_every=1",
                "log_every=1", "threads=1", "lr=0.001", "warmup_steps=1", "max_tokens_per_pack=100000",
                f"export_dir={run / 'export'}"])
     log = list(csv.DictReader(open(run / "log.csv")))
@@ -286,16 +287,17 @@ def test_grpo_smoke_rollouts_generate_maps_and_the_policy_moves(taught):
     for key in grpo.STATS:
         assert np.isfinite(step[key]), key
     rollouts = [json.loads(line) for line in open(run / "rollouts.jsonl")]
-    assert len(rollouts) == 4
+    assert len(rollouts) == 6
     assert sum(bool(r["tools"]) for r in rollouts) >= 1  # maps were generated inside rollouts
-    assert step["tool_call_rate"] == pytest.approx(np.mean([bool(r["tools"]) for r in rollouts]))
+    csv_value = lambda v: pytest.approx(v, rel=1e-5, abs=1e-6)  # noqa: E731  (log.csv keeps 6 digits)
+    assert step["tool_call_rate"] == csv_value(np.mean([bool(r["tools"]) for r in rollouts]))
     totals = [r["rewards"]["total"] for r in rollouts]
     for r in rollouts:
         terms = r["rewards"]
         assert terms["total"] == pytest.approx(terms["answer"] + terms["format"] + terms["exploration"])
         assert terms["format"] == R.format_reward(r["turns"])
-    assert step["reward"] == pytest.approx(np.mean(totals))
-    assert step["accuracy"] == pytest.approx(np.mean([r["rewards"]["answer"] for r in rollouts]))
+    assert step["reward"] == csv_value(np.mean(totals))
+    assert step["accuracy"] == csv_value(np.mean([r["rewards"]["answer"] for r in rollouts]))
     np.testing.assert_allclose([r["advantage"] for r in rollouts], R.group_advantages(totals), rtol=1e-6)
     assert len(set(totals)) > 1 and step["grad_norm"] > 0
     # the packed recomputation is the rollout's policy: sampling log-probs are reproduced

@@ -99,8 +99,11 @@ STATS = ("reward", "reward_answer", "reward_format", "reward_exploration", "rewa
          "retokenized_turn_rate", "completion_tokens", "zero_advantage_groups", "judge_failures", "rollout_seconds")
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits / T)[label]: the distribution the rollout sampled from."""
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+                   vocab_size: int | None = None) -> torch.Tensor:
+    """log softmax(logits / T)[label] over the first `vocab_size` ids: the distribution the rollout
+    sampled from (`Inferencer.generate_text` samples among the tokenizer's ids only)."""
+    logits = logits[:, :vocab_size] if vocab_size else logits
     return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, labels[:, None])[:, 0]
 
 
@@ -120,9 +123,10 @@ def clipped_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.T
 
 
 class GRPOObjective(nn.Module):
-    def __init__(self, model, x: dict):
+    def __init__(self, model, x: dict, vocab_size: int | None = None):
         super().__init__()
         self.model = model
+        self.vocab_size = vocab_size  # the sampler's candidates: the tokenizer's ids
         self.temperature = x["temperature"]
         self.epsilon = x["epsilon"]
         self.epsilon_high = x["epsilon_high"] if x["epsilon_high"] is not None else x["epsilon"]
@@ -133,7 +137,7 @@ class GRPOObjective(nn.Module):
         if "logits" not in out:  # a rollout cut before its first token: nothing to learn, still one backward
             return {"loss_sum": out["hidden"].sum() * 0.0, "count": 0, "logprob_gap": 0.0, "clip_fraction": 0.0,
                     **pack.get("stats", {})}
-        logp = token_logprobs(out["logits"], out["labels"], self.temperature)
+        logp = token_logprobs(out["logits"], out["labels"], self.temperature, self.vocab_size)
         old = logp.detach()  # one pass over each batch of rollouts (num_iterations = 1)
         adv = pack["advantages"].to(logp.device)
         loss, is_clipped = clipped_loss(logp, old, adv, self.epsilon, self.epsilon_high,
@@ -360,7 +364,8 @@ class GRPOBatches:
             if self.x["beta"] and p["seq"].label_ids:
                 with torch.no_grad():
                     out = forward_packed(self.ref_model, p["seq"])
-                    p["ref_logp"] = token_logprobs(out["logits"], out["labels"], self.x["temperature"])
+                    p["ref_logp"] = token_logprobs(out["logits"], out["labels"], self.x["temperature"],
+                                                   self.inferencer.text_vocab_size)
         packs[0]["stats"] = stats
         return packs, count
 
@@ -389,7 +394,8 @@ def main(argv=None):
     judge = build_judge(x)
     model, vae, tokenizer = load_stage2(x)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if x["beta"] else None
-    trainer = Trainer(cfg, GRPOObjective(model, x), len(rows))
+    vocab_size = Inferencer(model, vae, tokenizer).text_vocab_size
+    trainer = Trainer(cfg, GRPOObjective(model, x, vocab_size), len(rows))
     acc = trainer.accelerator
     if acc.distributed_type.value not in ("NO", "MULTI_CPU", "MULTI_GPU"):
         raise NotImplementedError(f"GRPO rollouts run on the unwrapped model: {acc.distributed_type} would need its "
