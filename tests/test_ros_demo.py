@@ -10,7 +10,9 @@ pytest.importorskip("rclpy", reason="ROS 2 not installed (run scripts/setup.sh)"
 pytest.importorskip("cooper_interfaces.srv", reason="cooper_interfaces not built (run scripts/setup.sh)")
 
 
-def test_demo_writes_outputs_and_says_weights_are_untrained(tmp_path):
+def test_demo_writes_outputs_and_says_whether_weights_are_trained(tmp_path):
+    from cooper_model.checkpoint import read_config
+    from cooper_model import BUNDLED_CHECKPOINT
     from cooper_ros.testing import ros_test_environment
 
     env = dict(os.environ)
@@ -20,8 +22,9 @@ def test_demo_writes_outputs_and_says_weights_are_untrained(tmp_path):
                        capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-4000:]
-    assert "UNTRAINED" in log
-    assert "UNTRAINED" in (out / "SUMMARY.md").read_text()
+    untrained = not read_config(BUNDLED_CHECKPOINT).trained
+    assert ("UNTRAINED" in log) == untrained
+    assert ("UNTRAINED" in (out / "SUMMARY.md").read_text()) == untrained
     answers = json.loads((out / "answers.json").read_text())
     assert len(answers) >= 3 and all(a["success"] for a in answers)
     assert any(a["tools_used"] for a in answers)           # the perception-mode question made maps

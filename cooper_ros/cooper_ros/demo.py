@@ -4,8 +4,9 @@ spatial questions. Everything goes over ROS 2 (DDS) between two processes, as on
     python -m cooper_ros.demo --out out/demo          (scripts/demo.sh does setup + this)
 
 Writes under --out:
-  frames/NNN_{camera,depth_colored,segmentation}.png, NNN_depth_mm.png (16-bit, millimetres),
-  NNN_labels.png (16-bit class ids)   for each camera frame the node processed
+  frames/NNN_{camera,depth_colored,segmentation}.png, NNN_depth_relative.png (16-bit, 0..65535 =
+  relative 0..1), NNN_depth_mm.png (16-bit millimetres, metric checkpoints), NNN_labels.png
+  (16-bit class ids, checkpoints with a palette)   for each camera frame the node processed
   overview.png                         camera | depth | segmentation, one row per frame
   answers.json, answers/*.png          /spatial_query answers, reasoning turns, tools, maps
   latencies.json                       perception and query latencies
@@ -109,8 +110,14 @@ def main(argv: list[str] | None = None) -> int:
         if not trained:
             print("\n" + "!" * 100 + f"\n{UNTRAINED}\n" + "!" * 100 + "\n", flush=True)
 
+        metric = diag.get("model_depth_is_metric") == "True"
+        palette = diag.get("model_has_palette") == "True"
+        if not metric:
+            print("[demo] the checkpoint's depth is relative: no metric depth and no point cloud "
+                  "(~/depth/relative instead)", flush=True)
         outs = {
             "depth": client.collect(Image, "/cooper/depth/image"),
+            "relative": client.collect(Image, "/cooper/depth/relative"),
             "colored": client.collect(Image, "/cooper/depth/colored"),
             "seg": client.collect(Image, "/cooper/segmentation/image"),
             "labels": client.collect(Image, "/cooper/segmentation/labels"),
@@ -208,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             return m.header.stamp.sec * 10**9 + m.header.stamp.nanosec
 
         by = {k: {key(m): (t, m) for t, m in q} for k, q in outs.items()}
-        done = sorted(set(by["depth"]) & set(by["seg"]) & set(by["labels"]) & set(by["colored"]))
+        needed = ["relative", "colored", "seg"] + (["depth"] if metric else []) + (["labels"] if palette else [])
+        done = sorted(set.intersection(*(set(by[k]) for k in needed)))
         rows = []
         e2e = []
         for n, k in enumerate(done):
@@ -216,18 +224,22 @@ def main(argv: list[str] | None = None) -> int:
             if idx is None:
                 continue
             base = out / "frames" / f"{n:03d}"
-            depth = ic.image_to_array(by["depth"][k][1])
-            mm = np.where(np.isfinite(depth), np.clip(depth * 1000.0, 0, 65535), 0).astype(np.uint16)
             cam_rgb = frames[idx]
             col = ic.image_to_rgb8(by["colored"][k][1])
             seg = ic.image_to_rgb8(by["seg"][k][1])
             save_png(base.with_name(f"{n:03d}_camera.png"), cam_rgb)
             save_png(base.with_name(f"{n:03d}_depth_colored.png"), col)
-            save_png(base.with_name(f"{n:03d}_depth_mm.png"), mm)
+            rel = ic.image_to_array(by["relative"][k][1])
+            save_png(base.with_name(f"{n:03d}_depth_relative.png"), (np.clip(rel, 0, 1) * 65535).astype(np.uint16))
+            if metric:
+                depth = ic.image_to_array(by["depth"][k][1])
+                mm = np.where(np.isfinite(depth), np.clip(depth * 1000.0, 0, 65535), 0).astype(np.uint16)
+                save_png(base.with_name(f"{n:03d}_depth_mm.png"), mm)
             save_png(base.with_name(f"{n:03d}_segmentation.png"), seg)
-            save_png(base.with_name(f"{n:03d}_labels.png"), ic.image_to_array(by["labels"][k][1]))
+            if palette:
+                save_png(base.with_name(f"{n:03d}_labels.png"), ic.image_to_array(by["labels"][k][1]))
             rows.append(np.concatenate([cam_rgb, col, seg], axis=1))
-            e2e.append((by["depth"][k][0] - k) / 1e9)
+            e2e.append((by["relative"][k][0] - k) / 1e9)
         if rows:
             from PIL import Image as PILImage
             sheet = np.concatenate(rows[:8], axis=0)
