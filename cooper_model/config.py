@@ -80,6 +80,9 @@ class CooperConfig:
     palette: list[list[int]] | None = None
     pipeline_defaults: dict = field(default_factory=dict)
     trained: bool = True
+    # Which training stages the weights went through, e.g. ["stage1"]: maps are trained, answers
+    # not yet. None = all of them (released checkpoints).
+    trained_stages: list[str] | None = None
     name: str = "bagel"
 
     def __post_init__(self):

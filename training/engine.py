@@ -264,7 +264,7 @@ class Trainer:
             self.ema.update()
             self.step += 1
             window_examples += cfg.batch_size
-            window_tokens += int(total)
+            window_tokens += int(metrics.get("tokens", total))  # sequence tokens when the objective counts them
             loss_all = acc.reduce(torch.tensor([loss_value], device=acc.device), "sum").item() if world > 1 else loss_value
             bar.update(1)
             bar.set_postfix(loss=f"{loss_all:.4f}")

@@ -190,6 +190,8 @@ def build(cfg: TrainConfig):
         config.class_names = list(x["class_names"] or CLASS_NAMES)
         config.palette = default_palette(len(config.class_names)).tolist()
     config.depth_kind = x["depth_kind"]
+    if not x["init_from"]:  # from scratch: only the maps are trained until stage 2 runs
+        config.trained_stages = ["stage1"]
     vae = load_autoencoder(x["autoencoder"] or x["init_from"])
     tokenizer = load_tokenizer(x["tokenizer"] or x["init_from"])
     if len(tokenizer) > config.llm.vocab_size:
