@@ -72,8 +72,8 @@ def test_data_order_is_a_function_of_seed_and_step():
 
 def test_config_yaml_and_overrides(tmp_path):
     (tmp_path / "c.yaml").write_text("total_steps: 7\nbetas: [0.8, 0.9]\ndata_dir: x\n")
-    cfg = TrainConfig.from_yaml(tmp_path / "c.yaml", ["lr=0.5", "freeze_vit=false"])
-    assert cfg.total_steps == 7 and cfg.betas == (0.8, 0.9) and cfg.lr == 0.5
+    cfg = TrainConfig.from_yaml(tmp_path / "c.yaml", ["lr=3e-4", "freeze_vit=false"])
+    assert cfg.total_steps == 7 and cfg.betas == (0.8, 0.9) and cfg.lr == 3e-4
     assert cfg.extra == {"data_dir": "x", "freeze_vit": False}
 
 

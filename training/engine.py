@@ -69,7 +69,11 @@ class TrainConfig:
         extra = dict(values.pop("extra", {}) or {})
         extra.update({k: values.pop(k) for k in list(values) if k not in known})
         if "betas" in values:
-            values["betas"] = tuple(values["betas"])
+            values["betas"] = tuple(float(b) for b in values["betas"])
+        # PyYAML (YAML 1.1) reads `3e-4` as a string: coerce the float fields
+        for f in dataclasses.fields(cls):
+            if f.type in ("float", float) and isinstance(values.get(f.name), str):
+                values[f.name] = float(values[f.name])
         return cls(**values, extra=extra)
 
     def to_dict(self) -> dict:
