@@ -168,7 +168,8 @@ def test_pickle_files_are_never_read(tmp_path):
 def test_tiny_checkpoint_runs_with_explicit_tokenizer():
     pipe = CooperPipeline.from_pretrained(TINY, tokenizer=byte_level_tokenizer())
     out = pipe.depth(np.full((50, 70, 3), 128, np.uint8), num_steps=3)
-    assert out.depth.shape == (50, 70)
+    assert out.relative.shape == (50, 70)
+    assert out.depth is None  # released-style (no cooper_config.json): relative depth
 
 
 # The autoencoder against an independent functional implementation of the FLUX architecture,

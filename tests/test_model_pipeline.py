@@ -225,12 +225,49 @@ def test_segmentation_codec_nearest_colour():
     assert len(np.unique(palette, axis=0)) == 6 and palette[0].tolist() == [0, 0, 0]
 
 
-def test_colorize_depth_is_spectral():
+def test_colorize_depth_is_upstreams_spectral():
     import matplotlib
+    import torch
 
-    out = colorize_depth(np.array([[0.0, 1.0]]))
-    ref = (np.array(matplotlib.colormaps["Spectral"]([0.0, 1.0]))[:, :3] * 255).astype(np.uint8)
-    assert np.array_equal(out[0], ref)
+    d = (np.arange(256, dtype=np.float32) + 0.5) / 256  # one value in each of Spectral's 256 bins
+    out = colorize_depth(d[None])[0]
+    # upstream: `colorize_depth_maps` hands a tensor's colours back as float32, then `* 255` to uint8
+    colours = matplotlib.colormaps["Spectral"](d, bytes=False)[..., :3]
+    upstream = (torch.from_numpy(colours).float().numpy() * 255).astype(np.uint8)
+    assert np.array_equal(out, upstream)
+    # in float64 two bins' blue would truncate one level lower (86 and 110)
+    assert out[68, 2] == 87 and out[85, 2] == 111
+    assert (colours[[68, 85], 2] * 255).astype(np.uint8).tolist() == [86, 110]
+    assert colorize_depth(np.array([[np.nan, np.inf]])).tolist() == [[[0, 0, 0], [0, 0, 0]]]
+
+
+def test_transparent_input_is_composited_onto_white(pipe):
+    from PIL import Image
+
+    from cooper_model import image_processor as ip
+
+    rng = np.random.default_rng(1)
+    rgba = rng.integers(0, 256, (40, 60, 4), dtype=np.uint8)
+    rgba[:10, :, 3], rgba[10:20, :, 3], rgba[20:, :, 3] = 0, 128, 255
+    out = np.asarray(ip.as_pil_rgb(rgba)).astype(int)
+    alpha = rgba[..., 3:].astype(float) / 255
+    blend = rgba[..., :3] * alpha + 255 * (1 - alpha)
+    assert (out[:10] == 255).all()  # fully transparent: white, whatever colour is hidden there
+    assert np.abs(out - blend).max() <= 1
+    assert np.array_equal(out[20:], rgba[20:, :, :3])
+    # PIL images: RGBA, greyscale with alpha, and a palette with a transparent index
+    assert np.array_equal(np.asarray(ip.as_pil_rgb(Image.fromarray(rgba, "RGBA"))), out)
+    la = Image.fromarray(np.stack([np.full((2, 2), 40, np.uint8), np.array([[0, 255], [255, 0]], np.uint8)], -1), "LA")
+    assert np.asarray(ip.as_pil_rgb(la))[..., 0].tolist() == [[255, 40], [40, 255]]
+    pal = Image.fromarray(np.array([[0, 1]], np.uint8), "P")
+    pal.putpalette([10, 20, 30, 40, 50, 60])
+    pal.info["transparency"] = 1
+    assert np.asarray(ip.as_pil_rgb(pal)).tolist() == [[[10, 20, 30], [255, 255, 255]]]
+    # the pipeline sees the composited image
+    composited = np.asarray(ip.as_pil_rgb(rgba))
+    assert np.array_equal(pipe.depth(rgba, **FAST).relative, pipe.depth(composited, **FAST).relative)
+    with pytest.raises(CooperInputError, match="HxWx3"):
+        pipe.depth(np.zeros((10, 10, 2), np.uint8))
 
 
 def test_extract_boxed():
