@@ -1,17 +1,28 @@
-"""Benchmark of the model's stages on the current device.
+"""Benchmark of the model's stages, backends, sampling knobs and memory plans on this device.
 
     python -m cooper_model.bench                                   # bundled small checkpoint, CPU
-    python -m cooper_model.bench --preset bagel-7b --random-weights --device cuda --dtype bfloat16 --size 512
-    python -m cooper_model.bench --checkpoint /models/COOPER --device cuda --dtype bfloat16 --json
+    python -m cooper_model.bench --backends eager,compile,onnxruntime --knobs --eval-data runs/data/test
+    python -m cooper_model.bench --preset bagel-7b --random-weights --device cuda --dtype bfloat16 --size 512 \\
+        --backends eager,compile --memory-plans none,int8,fp8,maps
 
-Prints the median of `--repeat` runs for: ViT encode, VAE encode, context prefill, one denoise step
-per CFG branch count (1, 2, 3 forward passes), VAE decode, a whole depth map, text tokens/s, and
-peak memory. Random weights (`--random-weights`) time the real sizes without the real files.
+Everything printed is measured in this run (medians of `--repeat`):
+- stages: ViT encode, VAE encode, context prefill, text tokens/s;
+- per backend: the denoise step with 1, 2 and 3 CFG branches over the real contexts of a depth map
+  (conditional, text-free, image-free: three different lengths), the VAE decode and a whole depth
+  map; each also as a speed-up against eager from the same run (eager_s / backend_s);
+- on CUDA: the GPU's bf16 matmul rate (measured), each step's model FLOPs utilisation against it,
+  peak memory;
+- `--knobs`: whole-map time, speed-up, forward passes and the change of the depth map against the
+  reference setting for fewer steps, a narrower CFG interval, no image-CFG branch, CFG on the first
+  steps only and the feature caches; with `--eval-data` also AbsRel / delta1 on that split;
+- `--memory-plans`: weights on the device and peak memory of each plan (`backends/memory.py`).
+Random weights (`--random-weights`) time the real sizes without the real files.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -21,7 +32,10 @@ import numpy as np
 import torch
 
 from . import image_processor as ip
+from . import prompts
 from .autoencoder import FluxAutoencoder
+from .backends import BackendUnavailable
+from .backends.memory import apply_memory_plan, bytes_on
 from .checkpoint import _dtype
 from .config import preset
 from .inference import Inferencer
@@ -59,54 +73,185 @@ def random_pipeline(name: str, device, dtype) -> CooperPipeline:
     return CooperPipeline(Inferencer(model, vae, tokenizer), config)
 
 
-def run(pipe: CooperPipeline, size: int, repeat: int, steps: int, text_tokens: int) -> dict:
-    inf, cfg = pipe.inferencer, pipe.config
-    device = inf.device
-    rng = np.random.default_rng(0)
-    rgb = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-    size = min(size, cfg.max_latent_size * cfg.latent_downsample)  # what the checkpoint's tables cover
-    vae_t = ip.ImageTransformConfig(size, min(size, cfg.vae_transform.min_size), cfg.vae_transform.stride)
-    vit_size = min(size, cfg.vit_max_num_patch_per_side * cfg.vit.patch_size)
-    vit_t = ip.ImageTransformConfig(vit_size, min(vit_size, cfg.vit_transform.min_size), cfg.vit_transform.stride)
-    image = ip.resize(ip.as_pil_rgb(rgb), vae_t)
-    h, w = image.height, image.width
-    pixels = ip.to_tensor(image)[None].to(device)
-    vit_pixels = ip.to_tensor(ip.resize(image, vit_t))
-    results = {"height": h, "width": w}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+class Scene:
+    """A depth-map job at the benchmark's size: the image, the transforms, the three contexts."""
 
+    def __init__(self, pipe: CooperPipeline, size: int):
+        cfg, inf = pipe.config, pipe.inferencer
+        self.rgb = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+        self.size = min(size, cfg.max_latent_size * cfg.latent_downsample)  # what the tables cover
+        self.vae_t = ip.ImageTransformConfig(self.size, min(self.size, cfg.vae_transform.min_size), cfg.vae_transform.stride)
+        self.vit_size = min(self.size, cfg.vit_max_num_patch_per_side * cfg.vit.patch_size)
+        self.vit_t = ip.ImageTransformConfig(self.vit_size, min(self.vit_size, cfg.vit_transform.min_size),
+                                             cfg.vit_transform.stride)
+        self.image = ip.resize(ip.as_pil_rgb(self.rgb), self.vae_t)
+        self.h, self.w = self.image.height, self.image.width
+        self.inf = inf
+
+    def contexts(self):
+        """As `CooperPipeline._generate_map` builds them: [image, prompt], [image], [prompt]."""
+        inf = self.inf
+        with torch.inference_mode():
+            ctx, cfg_img = inf.new_context(self.vae_t, self.vit_t), inf.new_context(self.vae_t, self.vit_t)
+            ctx.add_image(self.image, generator=torch.Generator().manual_seed(0))
+            cfg_text = ctx.copy()
+            ctx.add_text(prompts.DEPTH_PROMPT)
+            cfg_img.add_text(prompts.DEPTH_PROMPT)
+        return [ctx, cfg_text, cfg_img]
+
+    def depth(self, pipe, **settings):
+        return pipe.depth(self.rgb, vae_resolution=self.size, vit_resolution=self.vit_size, **settings)
+
+
+def stages(pipe, scene: Scene, repeat: int, text_tokens: int) -> dict:
+    inf, device = pipe.inferencer, pipe.inferencer.device
+    pixels = ip.to_tensor(scene.image)[None].to(device)
+    vit_pixels = ip.to_tensor(ip.resize(scene.image, scene.vit_t))
+    out = {}
     with torch.inference_mode():
-        results["vit_encode_s"] = _time(lambda: inf.add_vit_image(inf.new_context(vae_t, vit_t), vit_pixels), device, repeat)
-        results["vae_encode_s"] = _time(lambda: inf.vae.encode(pixels), device, repeat)
+        out["vit_encode_s"] = _time(lambda: inf.add_vit_image(inf.new_context(scene.vae_t, scene.vit_t), vit_pixels),
+                                    device, repeat)
+        out["vae_encode_s"] = _time(lambda: inf.vae.encode(pixels), device, repeat)
+        out["prefill_s"] = _time(scene.contexts, device, repeat)
+        ctx = scene.contexts()[0]
+        out["text_tokens_per_s"] = text_tokens / _time(lambda: inf.generate_text(ctx, max_new_tokens=text_tokens),
+                                                       device, max(1, repeat // 2))
+    return out
 
-        def prefill():
-            ctx = inf.new_context(vae_t, vit_t)
-            ctx.add_image(image)
-            ctx.add_text("<depth-estimation>Estimate the depth of the image and generate the depth map.</depth-estimation>")
-            return ctx
 
-        results["prefill_s"] = _time(prefill, device, repeat)
-        ctx = prefill()
-        x = inf.initial_noise(h, w).to(device)
-        results["latent_tokens"] = x.shape[0]
-        results["context_tokens"] = ctx.length
-        step = _time(lambda: inf.velocity(ctx, x, 0.5, h, w), device, repeat)
-        for branches in (1, 2, 3):
-            results[f"denoise_step_{branches}branch_s"] = step * branches
-        results["vae_decode_s"] = _time(lambda: inf.decode_latents(x, h, w), device, repeat)
-        results["text_tokens_per_s"] = text_tokens / _time(
-            lambda: inf.generate_text(ctx, max_new_tokens=text_tokens), device, max(1, repeat // 2))
-    results["depth_map_s"] = _time(lambda: pipe.depth(rgb, num_steps=steps, vae_resolution=size,
-                                                      vit_resolution=vit_size), device, max(1, repeat // 2))
-    results["depth_map_steps"] = steps
-    if device.type == "cuda":
-        results["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        import resource
+def step_flops(config, context_lengths, latent_tokens: int) -> float:
+    """Model FLOPs of one denoise step over these contexts (one branch each): 2 per multiply-add
+    of every linear layer, plus QK^T and PV. The two image-end tokens use the other expert but
+    cost the same."""
+    llm = config.llm
+    h, inter, layers = llm.hidden_size, llm.intermediate_size, llm.num_hidden_layers
+    heads, kvh = llm.num_attention_heads, llm.num_key_value_heads
+    hd = getattr(llm, "head_dim", None) or h // heads
+    n = latent_tokens + 2
+    linear = h * heads * hd + 2 * h * kvh * hd + heads * hd * h + 3 * h * inter
+    total = 0.0
+    for s in context_lengths:
+        total += layers * (2 * n * linear + 4 * heads * hd * n * (s + n))
+    return total + 2 * latent_tokens * config.patch_latent_dim * h * 2 * len(context_lengths)
 
-        results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return results
+
+def matmul_rate(device, dtype, size: int = 8192, repeat: int = 20) -> float:
+    """Measured dense matmul FLOP/s of this GPU in `dtype` (the MFU denominator)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds = _time(lambda: [a @ b for _ in range(repeat)], device, 3) / repeat
+    return 2 * size**3 / seconds
+
+
+def backends(pipe, scene: Scene, names, repeat: int, steps: int, options: dict, peak_rate: float | None) -> dict:
+    inf, device = pipe.inferencer, pipe.inferencer.device
+    contexts = scene.contexts()
+    x = inf.initial_noise(scene.h, scene.w, torch.Generator().manual_seed(0)).to(device)
+    flops = {f"{b}branch": step_flops(pipe.config, [c.length for c in contexts[:b]], x.shape[0]) for b in (1, 2, 3)}
+    results, unavailable = {}, {}
+    for name in names:
+        try:
+            start = time.perf_counter()
+            pipe.use_backend(name, options)
+            setup = time.perf_counter() - start
+        except BackendUnavailable as exc:
+            unavailable[name] = str(exc)
+            continue
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        r = {"setup_s": setup}
+        with torch.inference_mode():
+            step = inf.backend.prepare(contexts, scene.h, scene.w)
+            r["prepare_s"] = _time(lambda: inf.backend.prepare(contexts, scene.h, scene.w), device, repeat)
+            for b in (1, 2, 3):
+                r[f"denoise_step_{b}branch_s"] = _time(lambda: step(x, 0.5, b), device, repeat)
+                if peak_rate:
+                    r[f"denoise_step_{b}branch_mfu"] = flops[f"{b}branch"] / r[f"denoise_step_{b}branch_s"] / peak_rate
+            r["vae_decode_s"] = _time(lambda: inf.decode_latents(x, scene.h, scene.w), device, repeat)
+        r["depth_map_s"] = _time(lambda: scene.depth(pipe, num_steps=steps), device, max(1, repeat // 2))
+        r["depth_map_forward_passes"] = inf.last_denoise["forward_passes"]
+        if device.type == "cuda":
+            r["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        results[name] = r
+    pipe.use_backend("eager")
+    base = results.get("eager")
+    if base:
+        for r in results.values():
+            for k in ("denoise_step_1branch_s", "denoise_step_2branch_s", "denoise_step_3branch_s", "vae_decode_s",
+                      "depth_map_s"):
+                r[k[:-2] + "_speedup"] = base[k] / r[k]
+    return {"contexts": [c.length for c in contexts], "latent_tokens": x.shape[0], "step_flops": flops,
+            "backends": results, "unavailable": unavailable}
+
+
+KNOBS = {
+    "reference": {},
+    "half_steps": {"num_steps": "half"},
+    "cfg_interval_0.6": {"cfg_interval": (0.6, 1.0)},
+    "no_image_cfg": {"cfg_image_branch": False},
+    "cfg_first_2_steps": {"cfg_first_steps": 2},
+    "cache_reuse_0.1": {"feature_cache": "reuse", "feature_cache_threshold": 0.1},
+    "cache_taylor_0.1": {"feature_cache": "taylor", "feature_cache_threshold": 0.1},
+    "fast": {"num_steps": "half", "cfg_image_branch": False, "feature_cache": "taylor", "feature_cache_threshold": 0.1},
+}
+
+
+def knobs(pipe, scene: Scene, repeat: int, eval_data: str | None, eval_images: int) -> dict:
+    """Each knob against the reference (the checkpoint's depth settings), in the same run."""
+    reference = pipe.settings("depth")
+    samples = None
+    if eval_data:
+        from training.data.readers import read_synth  # the evaluation set of the data engine
+        from training.evaluate import evaluate_maps
+
+        samples = [s for _, s in zip(range(eval_images), read_synth(eval_data))]
+    device, rows = pipe.inferencer.device, {}
+    ref_map = None
+    for name, knob in KNOBS.items():
+        settings = {k: (max(2, (reference.num_steps + 1) // 2) if v == "half" else v) for k, v in knob.items()}
+        out = scene.depth(pipe, **settings)
+        row = {"settings": settings, "forward_passes": pipe.inferencer.last_denoise["forward_passes"],
+               "cached_steps": pipe.inferencer.last_denoise["cached_steps"],
+               "depth_map_s": _time(lambda: scene.depth(pipe, **settings), device, max(1, repeat // 2))}
+        if ref_map is None:
+            ref_map = out.relative
+        row["mean_abs_change_vs_reference"] = float(np.abs(out.relative - ref_map).mean())
+        if samples:
+            r = evaluate_maps(pipe, samples, settings, pipe.depth_range, desc=name, segment=False)
+            row.update({f"eval_{k}": v for k, v in r["depth_aligned"].items()})
+        rows[name] = row
+    for row in rows.values():
+        row["speedup"] = rows["reference"]["depth_map_s"] / row["depth_map_s"]
+    return {"reference_settings": {"num_steps": reference.num_steps, "cfg_interval": reference.cfg_interval,
+                                   "cfg_text_scale": reference.cfg_text_scale, "cfg_img_scale": reference.cfg_img_scale},
+            "eval_images": len(samples) if samples else 0, "knobs": rows}
+
+
+def memory_plans(make_pipe, plans, scene_size: int, steps: int) -> dict:
+    """Each plan on a freshly built model: weights on the device, then peak memory of a depth map."""
+    rows = {}
+    for plan in plans:
+        pipe = make_pipe()
+        device = pipe.inferencer.device
+        did = apply_memory_plan(pipe.inferencer.model, plan)
+        row = {"applied": did, "weights_on_device_gib": bytes_on(pipe.inferencer.model, device) / 2**30}
+        scene = Scene(pipe, scene_size)
+        if device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        scene.depth(pipe, num_steps=steps)
+        _sync(device)
+        row["depth_map_s"] = time.perf_counter() - start  # one map (the first: includes warm-up)
+        if device.type == "cuda":
+            row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        rows[plan] = row
+        del pipe, scene
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
 
 
 def main(argv=None):
@@ -118,27 +263,76 @@ def main(argv=None):
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--size", type=int, default=256,
                         help="square input image side (pixels), capped to what the checkpoint covers")
-    parser.add_argument("--steps", type=int, default=10, help="denoising steps for the whole depth map")
+    parser.add_argument("--steps", type=int, default=10, help="denoising steps of a whole depth map")
+    parser.add_argument("--backends", default="eager",
+                        help="backends to time, e.g. eager,compile,onnxruntime,tensorrt (eager first: the "
+                             "others are reported as speed-ups against it; those that cannot run here are "
+                             "listed as unavailable with the reason)")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode of the compile backend")
+    parser.add_argument("--onnx-dir", default=None, help="exported graphs (default: the cache)")
+    parser.add_argument("--knobs", action="store_true", help="time the sampling knobs against the reference")
+    parser.add_argument("--eval-data", default=None, help="with --knobs: a synthetic split for AbsRel / delta1")
+    parser.add_argument("--eval-images", type=int, default=8)
+    parser.add_argument("--memory-plans", default=None, help="comma-separated plans, e.g. none,int8,fp8,maps")
+    parser.add_argument("--no-stages", action="store_true", help="skip ViT/VAE/prefill/text timings")
     parser.add_argument("--text-tokens", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--json-out", default=None, help="also write the JSON object to this file")
     args = parser.parse_args(argv)
     dtype = args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32")
     if args.random_weights:
         name = args.preset or "cooper-small"
-        pipe = random_pipeline(name, args.device, dtype)
+
+        def make_pipe():
+            return random_pipeline(name, args.device, dtype)
     else:
         name = args.checkpoint or str(BUNDLED_CHECKPOINT)
-        pipe = CooperPipeline.from_pretrained(name, device=args.device, dtype=dtype)
+
+        def make_pipe():
+            return CooperPipeline.from_pretrained(name, device=args.device, dtype=dtype)
+    pipe = make_pipe()
+    device = torch.device(args.device)
     results = {"model": name, "device": args.device, "dtype": dtype, "torch": torch.__version__,
-               "machine": torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else platform.processor() or platform.machine(),
+               "machine": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
                "threads": torch.get_num_threads()}
-    results.update(run(pipe, args.size, args.repeat, args.steps, args.text_tokens))
+    scene = Scene(pipe, args.size)
+    results.update(height=scene.h, width=scene.w)
+    peak = None
+    if device.type == "cuda":
+        peak = matmul_rate(device, _dtype(dtype))
+        results["matmul_tflops_measured"] = peak / 1e12
+    if not args.no_stages:
+        results.update(stages(pipe, scene, args.repeat, args.text_tokens))
+    options = {"compile": {"mode": args.compile_mode} if args.compile_mode else {},
+               "onnxruntime": {"onnx_dir": args.onnx_dir} if args.onnx_dir else {}}
+    names = [n.strip() for n in args.backends.split(",") if n.strip()]
+    results.update(backends(pipe, scene, names, args.repeat, args.steps, options, peak))
+    results.update(results["backends"].get("eager", {}))  # the reference figures at the top level too
+    if args.knobs:
+        results["knobs"] = knobs(pipe, scene, args.repeat, args.eval_data, args.eval_images)
+    if args.memory_plans:
+        del pipe
+        gc.collect()
+        results["memory_plans"] = memory_plans(make_pipe, args.memory_plans.split(","), args.size, args.steps)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(results, f, indent=2, default=str)
     if args.json:
-        print(json.dumps(results))
+        print(json.dumps(results, default=str))
         return
+    _print(results)
+
+
+def _print(results, indent=""):
     for key, value in results.items():
-        print(f"{key:28s} {value:.4f}" if isinstance(value, float) else f"{key:28s} {value}")
+        if isinstance(value, dict):
+            print(f"{indent}{key}:")
+            _print(value, indent + "  ")
+        elif isinstance(value, float):
+            print(f"{indent}{str(key):34s} {value:.4g}")
+        else:
+            print(f"{indent}{str(key):34s} {value}")
 
 
 if __name__ == "__main__":

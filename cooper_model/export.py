@@ -76,6 +76,9 @@ class DenoiseStep(nn.Module):
         self.register_buffer("image_ends", image_ends.detach().clone(), persistent=False)
         attn = model.language_model.model.layers[0].self_attn
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        # What runs one decoder layer; the compile backend swaps in a compiled version, which
+        # every layer shares (same code, the weights are its inputs), so it compiles once.
+        self.layer_fn = self._layer
 
     def forward(self, latents, timestep, latent_pos, rope_pos, kv, kv_len):
         model, lm = self.model, self.model.language_model.model
@@ -84,12 +87,12 @@ class DenoiseStep(nn.Module):
         ends = self.image_ends.to(tokens.dtype)
         x = torch.cat([ends[:1], tokens, ends[1:]], dim=0)
         n = x.shape[0]
-        x = x[None].expand(branches, n, x.shape[1])
+        x = x[None].expand(branches, n, x.shape[1]).contiguous()  # every layer sees one layout
         cos, sin = lm.rotary_emb(x, rope_pos[:, None])  # [B, 1, head_dim]: one position per image
         seen = torch.arange(past, device=kv.device)[None, :] < kv_len[:, None]
         mask = torch.cat([seen, torch.ones(branches, n, dtype=torch.bool, device=kv.device)], dim=1)[:, None, None]
         for i, layer in enumerate(lm.layers):
-            x = self._layer(layer, x, cos, sin, kv[:, i, 0], kv[:, i, 1], mask)
+            x = self.layer_fn(layer, x, cos, sin, kv[:, i, 0], kv[:, i, 1], mask)
         x = _route(x, lm.norm, lm.norm_moe_gen)
         return model.velocity(x[:, 1:-1]).float()
 

@@ -1,5 +1,8 @@
 """`torch.compile` of the batched denoise step (`export.DenoiseStep`), with CUDA graphs on CUDA.
 
+The decoder layer is what is compiled (once: every layer runs the same compiled code with its own
+weights); embedding and heads around it are small and stay eager.
+
 Shapes are kept fixed so the compiled code is reused: the KV context is padded up to a bucket
 (the mask makes padding exact), the latent count is fixed by the resolution and the branch count
 is 1, 2 or 3, so a camera stream compiles at most three variants per resolution and bucket. On
@@ -38,7 +41,10 @@ class CompileBackend(Backend):
         self.mode = mode or ("max-autotune-no-cudagraphs" if on_cuda else None)
         self.buckets = tuple(context_buckets) if context_buckets else ex.context_buckets(8192, smallest=128)
         self.module = ex.denoise_step_module(inferencer)
-        self.step_fn = torch.compile(self.module, dynamic=False, mode=self.mode)
+        # One decoder layer is compiled and shared by all layers (compiling the unrolled 28-layer
+        # step would take minutes per branch count); the CUDA graph still covers the whole step.
+        self.module.layer_fn = torch.compile(self.module._layer, dynamic=False, mode=self.mode)
+        self.step_fn = self.module
         self.vae_fn = torch.compile(ex.VaeDecoder(inferencer.vae).eval(), dynamic=False, mode=self.mode)
         self.graphs: dict[tuple, _CapturedStep] = {}
         self.kv_buffers: dict[int, torch.Tensor] = {}
