@@ -62,14 +62,6 @@ def miou(confusion: np.ndarray) -> tuple[float, dict]:
     return float(np.mean(inter[present] / union[present])), per_class
 
 
-def _relative(out) -> np.ndarray:
-    rel = getattr(out, "relative", None)
-    return rel if rel is not None else out.depth01
-
-
-def _metric(pipe: CooperPipeline, out) -> np.ndarray | None:
-    is_metric = getattr(pipe, "depth_is_metric", True)
-    return out.depth if is_metric else None
 
 
 def _finite_depth(depth: np.ndarray, depth_range) -> np.ndarray:
@@ -82,7 +74,7 @@ def _finite_depth(depth: np.ndarray, depth_range) -> np.ndarray:
 def evaluate_maps(pipe: CooperPipeline, samples, settings: dict, depth_range, crop=None, max_images=None,
                   examples: list | None = None, desc="maps", segment: bool = True) -> dict:
     aligned, metric, times = [], [], {"depth": [], "segment": []}
-    num_classes = len(pipe.class_names) if getattr(pipe, "has_palette", pipe.class_names is not None) and pipe.class_names else 0
+    num_classes = len(pipe.class_names) if pipe.has_palette else 0
     confusion = np.zeros((num_classes, num_classes), np.int64) if num_classes else None
     for n, s in enumerate(tqdm(samples, desc=desc, total=max_images, leave=False)):
         if max_images is not None and n >= max_images:
@@ -93,13 +85,13 @@ def evaluate_maps(pipe: CooperPipeline, samples, settings: dict, depth_range, cr
             out = pipe.depth(s.rgb, **settings)
             times["depth"].append(time.perf_counter() - start)
             gt = s.depth if crop is None else s.depth[crop]
-            rel = _relative(out) if crop is None else _relative(out)[crop]
+            rel = out.relative if crop is None else out.relative[crop]
             aligned.append(depth_metrics(rel, gt, depth_range, align=True))
-            m = _metric(pipe, out)
+            m = out.depth  # None for a relative checkpoint
             if m is not None:
                 m = _finite_depth(m if crop is None else m[crop], depth_range)
                 metric.append(depth_metrics(m, gt, depth_range, align=False))
-            pred_depth = _relative(out)
+            pred_depth = out.relative
         if segment and s.class_map is not None and confusion is not None:
             start = time.perf_counter()
             seg = pipe.segment(s.rgb, **settings)
