@@ -10,8 +10,12 @@ Arguments
   camera_info   full camera_info topic, overrides <camera>/camera_info    (default: unset)
   params_file   the node's YAML (default: share/cooper_ros/config/cooper.yaml, the same file
                 `python -m cooper_ros.node --ros-args --params-file` takes)
-  checkpoint, device, dtype, backend
-                override model.* from params_file when not empty
+  checkpoint, device, dtype, backend, device_map
+                override model.* from params_file when not empty (backend may be a fallback
+                chain such as tensorrt,onnxruntime,eager; device_map: auto or a JSON object)
+  alignment_source, alignment_topic
+                a sparse metric source for relative depth: depth | points | scan, and its
+                topic (remapped to alignment/<source>); empty: the params_file's setting
   node_name, namespace
   rviz          true: start rviz2 with share/cooper_ros/config/cooper.rviz
   fixed_frame   RViz fixed frame (the camera's optical frame id)
@@ -35,18 +39,23 @@ SHARE = get_package_share_directory("cooper_ros")
 def _node(context, *args, **kwargs):
     cfg = {k: LaunchConfiguration(k).perform(context) for k in (
         "camera", "image", "camera_info", "params_file", "checkpoint", "device", "dtype",
-        "backend", "node_name", "namespace", "fastdds_profile")}
+        "backend", "device_map", "alignment_source", "alignment_topic", "node_name", "namespace",
+        "fastdds_profile")}
     camera = cfg["camera"].rstrip("/")
     image = cfg["image"] or f"{camera}/image_raw"
     info = cfg["camera_info"] or f"{camera}/camera_info"
     overrides = {}
     for arg, param in (("checkpoint", "model.checkpoint"), ("device", "model.device"),
-                       ("dtype", "model.dtype"), ("backend", "model.backend")):
+                       ("dtype", "model.dtype"), ("backend", "model.backend"),
+                       ("device_map", "model.device_map"), ("alignment_source", "alignment.source")):
         if cfg[arg]:
             overrides[param] = cfg[arg]
     actions = []
     if cfg["fastdds_profile"] and not os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE"):
         actions.append(SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", cfg["fastdds_profile"]))
+    remappings = [("image", image), ("camera_info", info)]
+    if cfg["alignment_source"] and cfg["alignment_topic"]:
+        remappings.append((f"alignment/{cfg['alignment_source']}", cfg["alignment_topic"]))
     params = [cfg["params_file"]]
     if overrides:
         params.append(overrides)
@@ -58,7 +67,7 @@ def _node(context, *args, **kwargs):
         output="screen",
         emulate_tty=True,
         parameters=params,
-        remappings=[("image", image), ("camera_info", info)],
+        remappings=remappings,
     ))
     return actions
 
@@ -74,7 +83,15 @@ def generate_launch_description():
                               description="checkpoint directory (empty: params_file / bundled)"),
         DeclareLaunchArgument("device", default_value="", description="cpu, cuda, cuda:N, auto"),
         DeclareLaunchArgument("dtype", default_value="", description="float32, bfloat16, float16"),
-        DeclareLaunchArgument("backend", default_value="", description="eager or compile (empty: the params file)"),
+        DeclareLaunchArgument("backend", default_value="",
+                              description="backend or fallback chain, e.g. tensorrt,onnxruntime,eager "
+                                          "(empty: the params file)"),
+        DeclareLaunchArgument("device_map", default_value="",
+                              description="auto or a JSON object {module: device} (empty: the params file)"),
+        DeclareLaunchArgument("alignment_source", default_value="",
+                              description="depth, points or scan: fit relative depth to this metric source"),
+        DeclareLaunchArgument("alignment_topic", default_value="",
+                              description="topic of the alignment source, e.g. /scan"),
         DeclareLaunchArgument("node_name", default_value="cooper"),
         DeclareLaunchArgument("namespace", default_value=""),
         DeclareLaunchArgument("rviz", default_value="false", description="start RViz"),

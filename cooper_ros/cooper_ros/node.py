@@ -300,13 +300,17 @@ class CooperNode(LifecycleNode):
                                               backend=s["model.backend"],
                                               device_map=parse_device_map(s["model.device_map"]))
         self.model_info = {
-            "checkpoint": path, "device": device, "dtype": s["model.dtype"], "backend": s["model.backend"],
+            "checkpoint": path, "device": device, "dtype": s["model.dtype"], "backend": pipe.backend,
+            "backend_requested": s["model.backend"],
             "trained": bool(pipe.is_trained), "depth_range": tuple(pipe.depth_range),
             "depth_is_metric": bool(pipe.depth_is_metric), "has_palette": bool(pipe.has_palette),
             "load_s": round(time.monotonic() - t0, 3),
         }
+        for note in pipe.backend_notes:   # why the backends before the chosen one were skipped
+            self.get_logger().info(f"backend: {note}")
         kind = "metric" if pipe.depth_is_metric else "relative"
-        self.get_logger().info(f"model loaded in {self.model_info['load_s']:.1f} s; depth is {kind}; "
+        self.get_logger().info(f"model loaded in {self.model_info['load_s']:.1f} s on backend {pipe.backend}; "
+                               f"depth is {kind}; "
                                f"{'a palette of ' + str(len(pipe.class_names)) + ' classes' if pipe.has_palette else 'no palette (no labels)'}")
         if not pipe.depth_is_metric:
             how = (f"aligned to alignment/{s['alignment.source']}" if s["alignment.source"] != "none"
