@@ -38,7 +38,7 @@ def _redrawn(split_dir, split):
         for s in read_synth(split_dir):
             scene = bl.scene_of({"qid": s.sample_id})
             rng = np.random.default_rng([r, zlib.crc32(s.sample_id.encode())])
-            for q in make_questions(s, rng, 20, tallies.setdefault(scene, Counter())):
+            for q in make_questions(s, rng, 8, tallies.setdefault(scene, Counter())):
                 q["qid"] = q["qid"].replace("_q", f"_r{r}_q")  # scene_of() still finds the scene
                 questions.append(q)
     return questions

@@ -249,7 +249,7 @@ class BagOfWords(Baseline):
     """Conditional logit over a question's options; features = question word x option token."""
 
     name = "bag of words"
-    L2_GRID = (0.3, 1.0, 3.0, 10.0, 30.0)
+    L2_GRID = (0.3, 3.0, 30.0)
 
     @staticmethod
     def _option_tokens(q, i, values):

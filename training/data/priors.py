@@ -6,14 +6,17 @@ truth, given the category and the classes the question names), no function of th
 options can tell which is which. `questions.py` therefore draws distractors from these priors,
 and picks closer / in-front pairs and existence classes so that a class name does not predict the
 answer. They are measured on a reference split, over the candidates the question maker would ask
-about in each view, each view weighted equally:
+about in each view, each view weighted by how often `make` asks the category there:
 
 - `values`: per category (distance_camera, distance_objects, size, height) and key (the object's
   class, or the sorted pair of classes), quantiles of log(value);
 - `counts`: per class, the distribution of counting answers;
-- `presence`: per class, how often an existence question about it would be a "yes";
-- `nearness`: per category (closer, front_behind), Bradley-Terry scores: logit P(an object of
-  class x is nearer than one of class y) = s[x] - s[y].
+- `existence`: per class c, a score g: a view asks about c with weight exp(g[c]) when c is
+  present ("yes") and exp(-g[c]) when it is absent ("no");
+- `nearness`: per category (closer, front_behind) and class, a score g: a view picks its candidate
+  pair (nearer x, farther y) with weight exp(g[y] - g[x]).
+Both weights are calibrated (`_calibrate`) so that, picking one candidate per view with them, every
+class is the answer "yes" as often as "no", and the nearer object as often as the farther one.
 
 A key with fewer than MIN_SAMPLES candidates falls back to the category as a whole ("*").
 
@@ -31,7 +34,8 @@ import functools
 import json
 import math
 import re
-from collections import defaultdict
+import zlib
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +43,10 @@ import numpy as np
 DEFAULT_PATH = Path(__file__).with_name("priors.json")
 VALUE_CATEGORIES = ("distance_camera", "distance_objects", "size", "height")
 NEARNESS_CATEGORIES = ("closer", "front_behind")
-QUANTILES = 33
+# Cumulative probabilities of the stored quantiles: the minimum, 39 normal-spaced points from
+# 0.13% to 99.87%, the maximum. Dense tails keep draws from spreading a quantile bin's mass evenly
+# down to an outlying minimum (with 33 even quantiles, too many draws fell below the truths).
+GRID = np.concatenate([[0.0], [0.5 * (1 + math.erf(z / math.sqrt(2))) for z in np.linspace(-3, 3, 39)], [1.0]])
 MIN_SAMPLES = 30
 
 
@@ -48,7 +55,7 @@ class Priors:
         self.table = table
         self.values = {c: {k: np.asarray(q) for k, q in keys.items()} for c, keys in table.get("values", {}).items()}
         self.counts = table.get("counts", {})
-        self.presence = table.get("presence", {})
+        self.existence = table.get("existence", {})
         self.nearness = table.get("nearness", {})
 
     @staticmethod
@@ -61,7 +68,7 @@ class Priors:
         q = keys.get(self.key(classes), keys.get("*"))
         if q is None:
             return None
-        return np.exp(np.interp(rng.random(n), np.linspace(0, 1, len(q)), q))
+        return np.exp(np.interp(rng.random(n), GRID, q))
 
     def sample_counts(self, class_name: str, n: int, rng: np.random.Generator) -> np.ndarray | None:
         pmf = self.counts.get(class_name, self.counts.get("*"))
@@ -84,34 +91,64 @@ NO_PRIORS = Priors({})  # what the builder asks with: candidates only, no distra
 # ---- building ---------------------------------------------------------------------------------
 
 def _weighted_quantiles(values, weights) -> list[float]:
-    order = np.argsort(values)
-    v, w = np.log(np.asarray(values)[order]), np.asarray(weights)[order]
+    keep = np.asarray(weights) > 0
+    order = np.argsort(np.asarray(values)[keep])
+    v, w = np.log(np.asarray(values)[keep][order]), np.asarray(weights)[keep][order]
     cdf = (np.cumsum(w) - w / 2) / w.sum()
-    return np.round(np.interp(np.linspace(0, 1, QUANTILES), cdf, v), 3).tolist()
+    return np.round(np.interp(GRID, cdf, v), 3).tolist()
 
 
-def _bradley_terry(pairs, weights) -> dict[str, float]:
-    """Scores s with logit P(x nearer than y) = s[x] - s[y], from (nearer, farther) class pairs."""
-    from scipy.optimize import minimize
-
-    classes = sorted({c for p in pairs for c in p})
+def _calibrate(views, view_weights, classes, steps: int = 200) -> dict[str, float]:
+    """Log-weights g per label such that, when each view picks one of its candidates with
+    probability proportional to exp(sum of its labels' signed g) (and counts `view_weights` times),
+    every class is on each side equally often. A view is a list of candidates, each a list of (class, sign) with sign +1 for
+    the side that should not dominate ("yes", nearer) and -1 for the other. Plain fixed-point
+    steps on the log-ratio of each class's two sides."""
     index = {c: i for i, c in enumerate(classes)}
-    near = np.array([index[a] for a, _ in pairs])
-    far = np.array([index[b] for _, b in pairs])
-    w = np.asarray(weights, float)
+    flat = [(v, k, index[c], sign) for v, cands in enumerate(views) for k, cand in enumerate(cands)
+            for c, sign in cand]
+    view, cand, cls, sign = (np.array(x) for x in zip(*flat))
+    key = np.unique(view * 10_000 + cand, return_inverse=True)[1]  # candidate id
+    cand_view = np.zeros(key.max() + 1, np.int64)
+    cand_view[key] = view
+    vw = np.asarray(view_weights, float)
+    g = np.zeros(len(classes))
+    for _ in range(steps):
+        logit = np.bincount(key, sign * g[cls])
+        w = np.exp(logit - logit.max())
+        p = w / np.bincount(cand_view, w)[cand_view] * vw[cand_view]  # each view picks one candidate
+        plus = np.bincount(cls, p[key] * (sign > 0), len(classes)) + 1e-9
+        minus = np.bincount(cls, p[key] * (sign < 0), len(classes)) + 1e-9
+        g -= 0.5 * np.log(plus / minus)
+    return {c: round(float(v), 4) for c, v in zip(classes, g)}
 
-    def loss(s):
-        d = s[near] - s[far]
-        p = 1 / (1 + np.exp(-d))
-        g = np.bincount(near, w * (p - 1), len(classes)) - np.bincount(far, w * (p - 1), len(classes))
-        return float(np.sum(w * np.logaddexp(0, -d)) + 0.5 * s @ s), g + s  # unit Gaussian prior on s
 
-    s = minimize(loss, np.zeros(len(classes)), jac=True, method="L-BFGS-B").x
-    return {c: round(float(v - s.mean()), 4) for c, v in zip(classes, s)}
+def _classes(views) -> list[str]:
+    return sorted({c for cands in views for cand in cands for c, _ in cand})
 
 
-def build(split_dir: str | Path) -> dict:
-    """Measure the priors on a split written by `training.data.synth` (its samples, not its questions)."""
+def _ask_rates(scene_samples, redraws: int, questions: int) -> list[Counter]:
+    """How often `make` asks each category in each view of a scene (per draw, over `redraws`
+    draws with the scene's shared tally, as `synth` asks them). Views differ: one with few
+    objects has few pair questions, so its objects get more of the single-object ones."""
+    from .questions import QuestionMaker
+
+    rates = [Counter() for _ in scene_samples]
+    for r in range(redraws):
+        tally: Counter = Counter()
+        rng = np.random.default_rng([r, zlib.crc32(scene_samples[0].sample_id.encode())])
+        for rate, sample in zip(rates, scene_samples):
+            for q in QuestionMaker(sample, rng, tally=tally, priors=NO_PRIORS).make(questions):
+                rate[q["category"]] += 1 / redraws
+    return rates
+
+
+def build(split_dir: str | Path, redraws: int = 4, questions: int = 8) -> dict:
+    """Measure the priors on a split written by `training.data.synth` (its samples, not its
+    questions): every candidate of a view weighs as much as the view's share of that category's
+    questions (`_ask_rates`, for `questions` per view, synth's default)."""
+    from itertools import groupby
+
     from tqdm import tqdm
 
     from .questions import QuestionMaker, object_value, pair_value
@@ -119,45 +156,50 @@ def build(split_dir: str | Path) -> dict:
 
     values = defaultdict(lambda: defaultdict(lambda: ([], [])))
     counts = defaultdict(lambda: defaultdict(float))
-    presence = defaultdict(lambda: [0.0, 0.0])
-    nearness = defaultdict(lambda: ([], []))
+    existence_views, existence_weights = [], []
+    nearness_views, nearness_weights = defaultdict(list), defaultdict(list)
     views = 0
-    for sample in tqdm(read_synth(split_dir), desc="priors", unit="view"):
-        views += 1
-        qm = QuestionMaker(sample, np.random.default_rng(0), priors=NO_PRIORS)
-        for category in ("distance_camera", "size", "height"):
-            for o in qm.objs:
-                for key in (o.class_name, "*"):
-                    vs, ws = values[category][key]
-                    vs.append(object_value(category, o))
-                    ws.append(1 / len(qm.objs))
-        pairs = qm.object_pairs()
-        for a, b in pairs:
-            for key in (Priors.key([a.class_name, b.class_name]), "*"):
-                vs, ws = values["distance_objects"][key]
-                vs.append(pair_value(a, b))
-                ws.append(1 / len(pairs))
-        class_counts = qm.class_counts()
-        for c, p in qm.counting_weights(class_counts).items():
-            counts[c][class_counts[c]] += p
-            counts["*"][class_counts[c]] += p
-        for c, present in qm.existence_status().items():
-            presence[c][0 if present else 1] += 1
-        for category in NEARNESS_CATEGORIES:
-            ordered = qm.ordered_pairs(category)
-            for n, f in ordered:
-                if n.class_name != f.class_name:
-                    nearness[category][0].append((n.class_name, f.class_name))
-                    nearness[category][1].append(1 / len(ordered))
-    table = {"reference": {"split": str(split_dir), "views": views, "quantiles": QUANTILES,
-                           "min_samples": MIN_SAMPLES},
+    samples = tqdm(read_synth(split_dir), desc="priors", unit="view")
+    for _, group in groupby(samples, key=lambda s: s.sample_id.rsplit("_v", 1)[0]):
+        scene_samples = list(group)
+        for sample, rate in zip(scene_samples, _ask_rates(scene_samples, redraws, questions)):
+            views += 1
+            qm = QuestionMaker(sample, np.random.default_rng(0), priors=NO_PRIORS)
+            for category in ("distance_camera", "size", "height"):
+                for o in qm.objs:
+                    for key in (o.class_name, "*"):
+                        vs, ws = values[category][key]
+                        vs.append(object_value(category, o))
+                        ws.append(rate[category] / len(qm.objs))
+            pairs = qm.object_pairs()
+            for a, b in pairs:
+                for key in (Priors.key([a.class_name, b.class_name]), "*"):
+                    vs, ws = values["distance_objects"][key]
+                    vs.append(pair_value(a, b))
+                    ws.append(rate["distance_objects"] / len(pairs))
+            class_counts = qm.class_counts()
+            for c, p in qm.counting_weights(class_counts).items():
+                counts[c][class_counts[c]] += p * rate["counting"]
+                counts["*"][class_counts[c]] += p * rate["counting"]
+            status = qm.existence_status()
+            if status and rate["existence"]:  # a "yes" candidate weighs exp(g[c]), a "no" exp(-g[c])
+                existence_views.append([[(c, 1 if present else -1)] for c, present in status.items()])
+                existence_weights.append(rate["existence"])
+            for category in NEARNESS_CATEGORIES:
+                ordered = qm.ordered_pairs(category)
+                if ordered and rate[category]:  # (nearer, farther) weighs exp(g[farther] - g[nearer])
+                    nearness_views[category].append([[(n.class_name, -1), (f.class_name, 1)] for n, f in ordered])
+                    nearness_weights[category].append(rate[category])
+    table = {"reference": {"split": str(split_dir), "views": views, "redraws": redraws,
+                           "questions_per_view": questions, "quantile_grid": "min, Phi(linspace(-3, 3, 39)), max", "min_samples": MIN_SAMPLES},
              "values": {c: {k: _weighted_quantiles(vs, ws) for k, (vs, ws) in sorted(keys.items())
-                            if len(vs) >= MIN_SAMPLES}
+                            if sum(w > 0 for w in ws) >= MIN_SAMPLES}
                         for c, keys in sorted(values.items())},
-             "counts": {c: {str(k): round(v / sum(pmf.values()), 4) for k, v in sorted(pmf.items())}
+             "counts": {c: {str(k): round(v / sum(pmf.values()), 4) for k, v in sorted(pmf.items()) if v > 0}
                         for c, pmf in sorted(counts.items()) if sum(pmf.values()) > 0},
-             "presence": {c: round(yes / (yes + no), 4) for c, (yes, no) in sorted(presence.items())},
-             "nearness": {c: _bradley_terry(*nearness[c]) for c in NEARNESS_CATEGORIES if nearness[c][0]}}
+             "existence": _calibrate(existence_views, existence_weights, _classes(existence_views)),
+             "nearness": {c: _calibrate(nearness_views[c], nearness_weights[c], _classes(nearness_views[c]))
+                          for c in NEARNESS_CATEGORIES if nearness_views[c]}}
     return table
 
 

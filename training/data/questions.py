@@ -25,8 +25,8 @@ the letters are uniform over a question's options (two-option questions: A or B)
 Blindness: nothing in the text and options alone predicts the answer (`baselines.py` measures it).
 Numeric distractors are drawn from the prior of the truth given the classes named
 (`priors.py`), so the options are exchangeable and the truth is at a uniformly random rank
-(`_exchangeable_options`); closer / front_behind pairs and existence classes are kept with
-probabilities that make each class's answers even. Numeric-category rows record the true
+(`_exchangeable_options`); closer / front_behind pairs and existence classes are picked with
+calibrated weights that make each class's answers even. Numeric-category rows record the true
 `value` in either form.
 Numeric answers are scored correct within a relative error of `RELATIVE_TOLERANCE` (25%, the
 usual "within a factor" band for metric estimates from one image); counts must be exact. Each
@@ -35,7 +35,6 @@ question records its tolerance.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 
@@ -56,9 +55,10 @@ TOOL = {"distance_camera": "depth", "distance_objects": "depth", "closer": "dept
         "left_right": None, "above_below": None}
 LETTERS = "ABCD"
 MAX_PER_VIEW = 2
-# Counting picks its class by weight (see counting_weights), so a second counting question in a
-# view would come from another distribution than the prior its distractors are drawn from.
-ONCE_PER_VIEW = ("counting",)
+# These pick their class or pair by weight (counting_weights, the priors' calibrated weights), so a
+# second pick in a view, made without the first, would follow another distribution than the one
+# the priors describe.
+ONCE_PER_VIEW = ("counting", "existence", "closer", "front_behind")
 SEPARATION_M = 0.02  # gap between boxes along a relation's axis
 CONTACT_M = 0.01  # resting contact: the physics penetration bound of the scene tests
 PAIR_FIRST = ("above_below", "front_behind", "left_right", "closer", "distance_objects")
@@ -295,16 +295,15 @@ class QuestionMaker:
         return out
 
     def _class_balanced(self, category, pairs):
-        """One (nearer, farther) pair, tried in random order and kept with probability
-        min(1, exp(s[farther] - s[nearer])) under the prior's Bradley-Terry scores, so that over a
-        split each class is the nearer one as often as the farther one (cameras aim at small
-        objects on furniture, which would otherwise make "the mug" the likely answer)."""
-        s = self.priors.nearness.get(category, {})
-        for k in self.rng.permutation(len(pairs)):
-            n, f = pairs[k]
-            if self.rng.random() < min(1.0, math.exp(s.get(f.class_name, 0.0) - s.get(n.class_name, 0.0))):
-                return pairs[k]
-        return None
+        """One (nearer, farther) pair, picked with weight exp(g[farther] - g[nearer]) under the
+        prior's calibrated scores, so that over a split each class is the nearer one as often as
+        the farther one (cameras aim at small objects on furniture, which would otherwise make
+        "the mug" the likely answer)."""
+        if not pairs:
+            return None
+        g = self.priors.nearness.get(category, {})
+        w = np.exp([g.get(f.class_name, 0.0) - g.get(n.class_name, 0.0) for n, f in pairs])
+        return pairs[self.rng.choice(len(pairs), p=w / w.sum())]
 
     def _relation(self, category):
         """A question about a pair with before(a, b) true; positive = a before b."""
@@ -405,23 +404,21 @@ class QuestionMaker:
         return status
 
     def existence(self):
-        """A class drawn from those askable, kept with a probability that makes yes and no equally
-        likely for every class over a split: present classes are kept with
-        min(1, (1 - p) / p), absent ones with min(1, p / (1 - p)), p = the prior's presence."""
+        """A class picked with weight exp(g) if present and exp(-g) if absent (g: the prior's
+        calibrated score), so that over a split every class is a "yes" as often as a "no"."""
         asked = {k[2] for k in self.used if k[0] == "existence"}
         status = {c: v for c, v in sorted(self.existence_status().items()) if c not in asked}
+        if not status:
+            return None
         classes = list(status)
-        for k in self.rng.permutation(len(classes)):
-            cls = classes[k]
-            p = min(max(self.priors.presence.get(cls, 0.5), 1e-3), 1 - 1e-3)
-            keep = min(1.0, (1 - p) / p) if status[cls] else min(1.0, p / (1 - p))
-            if self.rng.random() < keep:
-                return {"category": "existence", "objects": [o.instance_id for o in self.s.objects
-                                                             if o.class_name == cls and o.pixels > 0],
-                        "tool": TOOL["existence"], "class_name": cls, "form": "yesno",
-                        "question": self._phrase("existence", c=cls),
-                        "answer": "yes" if status[cls] else "no", "tolerance": {"exact": True}}
-        return None
+        g = np.array([self.priors.existence.get(c, 0.0) * (1 if status[c] else -1) for c in classes])
+        w = np.exp(g - g.max())
+        cls = classes[self.rng.choice(len(classes), p=w / w.sum())]
+        return {"category": "existence", "objects": [o.instance_id for o in self.s.objects
+                                                     if o.class_name == cls and o.pixels > 0],
+                "tool": TOOL["existence"], "class_name": cls, "form": "yesno",
+                "question": self._phrase("existence", c=cls),
+                "answer": "yes" if status[cls] else "no", "tolerance": {"exact": True}}
 
     def make(self, n: int) -> list[dict]:
         """Up to n distinct questions, balanced across categories, then across answers.
