@@ -8,12 +8,13 @@ Starts the node (separate process, bundled checkpoint unless --checkpoint), subs
 output, sends camera frames + camera_info over DDS and reports, in one run:
 
 * node overhead per frame, measured inside the node: image decode (sensor_msgs/Image -> RGB
-  array) + building and publishing all outputs (32FC1 depth, rgb8 colour map, camera_info,
-  rgb8 segmentation, 16UC1 labels, PointCloud2), against the model's depth and segmentation
-  time for the same frames;
+  array) + building and publishing all outputs the checkpoint gives (32FC1 relative depth,
+  rgb8 colour map; 32FC1 metres, camera_info and PointCloud2 when metric; rgb8 segmentation;
+  16UC1 labels with a palette), against the model's depth and segmentation time for the same
+  frames;
 * a breakdown of the conversions measured in this process (same code as the node);
 * end-to-end latency, camera stamp -> depth published (node clock, inside the node) and
-  -> depth received (this process), (a) one frame at a time (node idle when the frame
+  -> relative depth received (this process), (a) one frame at a time (node idle when the frame
   arrives) and (b) a 30 Hz camera stream (frames wait for the model; newest frame only).
 """
 from __future__ import annotations
@@ -47,8 +48,9 @@ def codec_breakdown(w: int, h: int, reps: int = 30) -> dict[str, float]:
     from std_msgs.msg import Header
 
     from . import image_codec as ic
+    from .camera import CameraModel
     from .pointcloud import depth_to_points, make_pointcloud2
-    from .testing import pattern_frame
+    from .testing import camera_info, pattern_frame
 
     rgb = pattern_frame(h, w)
     depth = np.random.default_rng(0).uniform(0.5, 8, (h, w)).astype(np.float32)
@@ -57,7 +59,9 @@ def codec_breakdown(w: int, h: int, reps: int = 30) -> dict[str, float]:
     rgb_msg = ic.array_to_image(rgb, "rgb8", hdr)
     bgr_msg = ic.array_to_image(rgb[:, :, ::-1], "bgr8", hdr)
     jpg_msg = ic.encode_compressed(rgb, "jpeg", header=hdr)
-    k = [0.8 * w, 0, w / 2, 0, 0.8 * w, h / 2, 0, 0, 1]
+    ci = camera_info(w, h, "cam")
+    ci.d = [-0.28, 0.07, 0.001, -0.0005, 0.0]   # a raw image: rays undistorted (cached per size)
+    cam = CameraModel.from_camera_info(ci, (h, w), rectified=False)
     cases = {
         "decode rgb8 -> RGB": lambda: ic.image_to_rgb8(rgb_msg),
         "decode bgr8 -> RGB": lambda: ic.image_to_rgb8(bgr_msg),
@@ -65,7 +69,8 @@ def codec_breakdown(w: int, h: int, reps: int = 30) -> dict[str, float]:
         "encode depth 32FC1": lambda: ic.array_to_image(depth, "32FC1", hdr),
         "encode colour rgb8": lambda: ic.array_to_image(rgb, "rgb8", hdr),
         "encode labels 16UC1": lambda: ic.array_to_image(labels, "16UC1", hdr),
-        "point cloud (stride 2, rgb)": lambda: make_pointcloud2(*_pc(depth_to_points(depth, k, 2, rgb), hdr)),
+        "point cloud (stride 2, rgb, edge filter)": lambda: make_pointcloud2(
+            *_pc(depth_to_points(depth, cam, 2, rgb, 0.05), hdr)),
     }
     out = {}
     for name, fn in cases.items():
@@ -141,7 +146,13 @@ def main(argv: list[str] | None = None) -> int:
             print(node.log_text()[-3000:], file=sys.stderr)
             return 1
         res["node_startup_s"] = time.monotonic() - t0
+        d0 = client.diagnostics()
+        metric, palette = d0["model_depth_is_metric"] == "True", d0["model_has_palette"] == "True"
+        # the outputs every frame gets from this checkpoint (metres and the cloud only when metric,
+        # labels only with a palette)
+        last = ["relative", "seg"] + (["points"] if metric else []) + (["labels"] if palette else [])
         topics = {"depth": ("/cooper/depth/image", Image), "colored": ("/cooper/depth/colored", Image),
+                  "relative": ("/cooper/depth/relative", Image),
                   "info": ("/cooper/depth/camera_info", CameraInfo), "seg": ("/cooper/segmentation/image", Image),
                   "labels": ("/cooper/segmentation/labels", Image), "points": ("/cooper/points", PointCloud2)}
         outs = {k: client.collect(t, name) for k, (name, t) in topics.items()}
@@ -170,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         # warm-up frame (first call allocates)
         k = send(0)
         end = time.monotonic() + 120
-        while time.monotonic() < end and lat(outs["labels"], k) is None:
+        while time.monotonic() < end and any(lat(outs[o], k) is None for o in last):
             time.sleep(0.02)
         d_before = client.diagnostics()
 
@@ -179,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.frames):
             k = send(i + 1)
             end = time.monotonic() + 120
-            while time.monotonic() < end and (lat(outs["labels"], k) is None or lat(outs["points"], k) is None):
+            while time.monotonic() < end and any(lat(outs[o], k) is None for o in last):
                 time.sleep(0.005)
-            v = lat(outs["depth"], k)
+            v = lat(outs["relative"], k)
             if v is not None:
                 e2e_recv.append(v)
             time.sleep(0.05)
@@ -223,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(3.0)
             d1 = client.diagnostics()
             sent_set = set(sent)
-            rec = [(t - (m.header.stamp.sec * 10**9 + m.header.stamp.nanosec)) / 1e9 for t, m in outs["depth"]
+            rec = [(t - (m.header.stamp.sec * 10**9 + m.header.stamp.nanosec)) / 1e9 for t, m in outs["relative"]
                    if m.header.stamp.sec * 10**9 + m.header.stamp.nanosec in sent_set]
             res["stream_30hz"] = {
                 "frames_sent": len(sent),
@@ -245,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(checkpoint {res['model'].get('checkpoint')}, {res['model'].get('device')}, "
           f"trained={res['model'].get('trained')})")
     print("  per frame, measured inside the node:")
-    print(f"    node overhead (decode + build/publish 6 outputs) {_ms(s['node_overhead_s'])}"
+    print(f"    node overhead (decode + build/publish outputs)   {_ms(s['node_overhead_s'])}"
           f"   [decode {_ms(s['node_decode_s']).strip()}, publish {_ms(s['node_publish_s']).strip()}]")
     print(f"    model depth                                      {_ms(s['model_depth_s'])}")
     print(f"    model segmentation                               {_ms(s['model_segmentation_s'])}")
