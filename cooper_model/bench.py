@@ -143,37 +143,71 @@ def matmul_rate(device, dtype, size: int = 8192, repeat: int = 20) -> float:
     return 2 * size**3 / seconds
 
 
+def _interleaved(fns: dict, device, repeat: int) -> dict:
+    """Median seconds of each function, timed in rounds (a, b, c, a, b, c, ...) so that a load
+    that comes and goes on a shared machine hits every candidate alike."""
+    for fn in fns.values():
+        fn()  # warm-up (compilation, allocator)
+    samples = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
 def backends(pipe, scene: Scene, names, repeat: int, steps: int, options: dict, peak_rate: float | None) -> dict:
+    from .backends import select_backend
+
     inf, device = pipe.inferencer, pipe.inferencer.device
     contexts = scene.contexts()
     x = inf.initial_noise(scene.h, scene.w, torch.Generator().manual_seed(0)).to(device)
     flops = {f"{b}branch": step_flops(pipe.config, [c.length for c in contexts[:b]], x.shape[0]) for b in (1, 2, 3)}
-    results, unavailable = {}, {}
+    created, results, unavailable = {}, {}, {}
     for name in names:
         try:
             start = time.perf_counter()
-            pipe.use_backend(name, options)
-            setup = time.perf_counter() - start
+            created[name] = select_backend(name, inf, options)
+            results[name] = {"setup_s": time.perf_counter() - start}
         except BackendUnavailable as exc:
             unavailable[name] = str(exc)
-            continue
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        r = {"setup_s": setup}
+    original = inf.backend
+
+    def on(backend, fn):
+        def run():
+            inf.backend = backend
+            return fn()
+        return run
+
+    try:
         with torch.inference_mode():
-            step = inf.backend.prepare(contexts, scene.h, scene.w)
-            r["prepare_s"] = _time(lambda: inf.backend.prepare(contexts, scene.h, scene.w), device, repeat)
-            for b in (1, 2, 3):
-                r[f"denoise_step_{b}branch_s"] = _time(lambda: step(x, 0.5, b), device, repeat)
-                if peak_rate:
-                    r[f"denoise_step_{b}branch_mfu"] = flops[f"{b}branch"] / r[f"denoise_step_{b}branch_s"] / peak_rate
-            r["vae_decode_s"] = _time(lambda: inf.decode_latents(x, scene.h, scene.w), device, repeat)
-        r["depth_map_s"] = _time(lambda: scene.depth(pipe, num_steps=steps), device, max(1, repeat // 2))
-        r["depth_map_forward_passes"] = inf.last_denoise["forward_passes"]
-        if device.type == "cuda":
-            r["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        results[name] = r
-    pipe.use_backend("eager")
+            steps_of = {n: b.prepare(contexts, scene.h, scene.w) for n, b in created.items()}
+            timed = {"prepare_s": {n: on(b, lambda b=b: b.prepare(contexts, scene.h, scene.w)) for n, b in created.items()}}
+            for k in (1, 2, 3):
+                timed[f"denoise_step_{k}branch_s"] = {n: (lambda f=f, k=k: f(x, 0.5, k)) for n, f in steps_of.items()}
+            timed["vae_decode_s"] = {n: on(b, lambda: inf.decode_latents(x, scene.h, scene.w)) for n, b in created.items()}
+            for key, fns in timed.items():
+                for n, seconds in _interleaved(fns, device, repeat).items():
+                    results[n][key] = seconds
+        maps = {n: on(b, lambda: scene.depth(pipe, num_steps=steps)) for n, b in created.items()}
+        for n, seconds in _interleaved(maps, device, max(1, repeat // 2)).items():
+            results[n]["depth_map_s"] = seconds
+        for n, b in created.items():
+            r = results[n]
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            on(b, lambda: scene.depth(pipe, num_steps=steps))()
+            r["depth_map_forward_passes"] = inf.last_denoise["forward_passes"]
+            if device.type == "cuda":
+                r["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            if peak_rate:
+                for k in (1, 2, 3):
+                    r[f"denoise_step_{k}branch_mfu"] = flops[f"{k}branch"] / r[f"denoise_step_{k}branch_s"] / peak_rate
+    finally:
+        inf.backend = original
     base = results.get("eager")
     if base:
         for r in results.values():
@@ -207,12 +241,12 @@ def knobs(pipe, scene: Scene, repeat: int, eval_data: str | None, eval_images: i
         samples = [s for _, s in zip(range(eval_images), read_synth(eval_data))]
     device, rows = pipe.inferencer.device, {}
     ref_map = None
+    every = {}
     for name, knob in KNOBS.items():
         settings = {k: (max(2, (reference.num_steps + 1) // 2) if v == "half" else v) for k, v in knob.items()}
         out = scene.depth(pipe, **settings)
         row = {"settings": settings, "forward_passes": pipe.inferencer.last_denoise["forward_passes"],
-               "cached_steps": pipe.inferencer.last_denoise["cached_steps"],
-               "depth_map_s": _time(lambda: scene.depth(pipe, **settings), device, max(1, repeat // 2))}
+               "cached_steps": pipe.inferencer.last_denoise["cached_steps"]}
         if ref_map is None:
             ref_map = out.relative
         row["mean_abs_change_vs_reference"] = float(np.abs(out.relative - ref_map).mean())
@@ -220,6 +254,9 @@ def knobs(pipe, scene: Scene, repeat: int, eval_data: str | None, eval_images: i
             r = evaluate_maps(pipe, samples, settings, pipe.depth_range, desc=name, segment=False)
             row.update({f"eval_{k}": v for k, v in r["depth_aligned"].items()})
         rows[name] = row
+        every[name] = lambda settings=settings: scene.depth(pipe, **settings)
+    for name, seconds in _interleaved(every, device, max(1, repeat // 2)).items():
+        rows[name]["depth_map_s"] = seconds
     for row in rows.values():
         row["speedup"] = rows["reference"]["depth_map_s"] / row["depth_map_s"]
     return {"reference_settings": {"num_steps": reference.num_steps, "cfg_interval": reference.cfg_interval,
@@ -315,6 +352,10 @@ def main(argv=None):
         del pipe
         gc.collect()
         results["memory_plans"] = memory_plans(make_pipe, args.memory_plans.split(","), args.size, args.steps)
+    if device.type == "cpu":
+        import resource
+
+        results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(results, f, indent=2, default=str)

@@ -54,6 +54,8 @@ class OnnxRuntimeBackend(Backend):
         ex.ensure_exported(inferencer, self.onnx_dir, export_height or side, export_width or side)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
+        # idle ORT threads must not spin: torch runs the prefill and the sampling loop between calls
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.device = device
         self.denoise = ort.InferenceSession(str(self.onnx_dir / ex.DENOISE_FILE), options, providers=providers)
         self.vae_decoder = ort.InferenceSession(str(self.onnx_dir / ex.VAE_DECODER_FILE), options, providers=providers)
