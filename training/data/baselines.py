@@ -16,9 +16,11 @@ holds them at chance on the multiple-choice categories.
   class (distance between objects: per class pair). It picks the option nearest that value and
   answers numeric questions with it.
 - `bag of words`: a conditional logit (multinomial logistic regression over a question's options,
-  written here in numpy + scipy's L-BFGS) on question words crossed with option tokens (the
-  option's words, its value in ~19% bins, its rank among the options, its position). It learns
-  per-class answer priors ("is there a table" -> yes) and value priors alike.
+  written here in numpy + scipy's L-BFGS, L2 strength picked on a fifth of the train scenes) on
+  question words crossed with option tokens (the option's words, its value in ~19% bins, its rank
+  among the options, its position). It learns per-class answer priors ("is there a table" -> yes)
+  and value priors alike. Being a bag, it does not know which class is named first: a model that
+  does answers above/below from world knowledge (small objects rest on furniture; README).
 
     python -m training.data.baselines --train DIR --test DIR [--card]
 

@@ -20,9 +20,10 @@ class is the answer "yes" as often as "no", and the nearer object as often as th
 
 A key with fewer than MIN_SAMPLES candidates falls back to the category as a whole ("*").
 
-    python -m training.data.synth --out runs/priors --num-scenes 800 --views-per-scene 3 --seed 0 --split priors --traces-per-view 0
+    python -m training.data.synth --out runs/priors --num-scenes 2400 --views-per-scene 3 --seed 0 --split priors --traces-per-view 0
     python -m training.data.priors --data runs/priors/priors --out training/data/priors.json
 
+(The reference split takes 10-50 minutes on 2 cores, depending on load; the build about 3.)
 Rebuild them whenever the scene generator or the question definitions change what is asked;
 `tests/test_data_baselines.py` fails when stale priors let a blind baseline beat chance.
 """
@@ -191,7 +192,8 @@ def build(split_dir: str | Path, redraws: int = 4, questions: int = 8) -> dict:
                     nearness_views[category].append([[(n.class_name, -1), (f.class_name, 1)] for n, f in ordered])
                     nearness_weights[category].append(rate[category])
     table = {"reference": {"split": str(split_dir), "views": views, "redraws": redraws,
-                           "questions_per_view": questions, "quantile_grid": "min, Phi(linspace(-3, 3, 39)), max", "min_samples": MIN_SAMPLES},
+                           "questions_per_view": questions, "min_samples": MIN_SAMPLES,
+                           "quantile_grid": "min, Phi(linspace(-3, 3, 39)), max"},
              "values": {c: {k: _weighted_quantiles(vs, ws) for k, (vs, ws) in sorted(keys.items())
                             if sum(w > 0 for w in ws) >= MIN_SAMPLES}
                         for c, keys in sorted(values.items())},
