@@ -294,3 +294,46 @@ def test_step_cache_computes_when_it_lacks_a_branch():
     assert computed == [1, 3] and cache.skipped == 2
     cache(4, 0.2, 3, signal, compute(3, 5.0))  # last step: always computed
     assert computed == [1, 3, 3]
+
+
+# Memory plans -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,tolerance", [("int8", 0.02), ("fp8", 0.08)])
+def test_weight_only_experts_shrink_and_stay_close(contexts, kind, tolerance):
+    from cooper_model.backends.memory import WeightOnlyLinear, apply_memory_plan, bytes_on
+
+    torch.manual_seed(0)
+    p = random_pipeline("bagel-tiny", "cpu", "float32")
+    torch.nn.init.normal_(p.inferencer.model.llm2vae.weight, std=0.2)
+    inf = p.inferencer
+    x = inf.initial_noise(64, 64, torch.Generator().manual_seed(8))
+    ctx = inf.new_context().add_text(prompts.DEPTH_PROMPT)
+    with torch.inference_mode():
+        ref = inf.velocity(ctx, x, 0.5, 64, 64)
+    before = bytes_on(inf.model, "cpu")
+    done = apply_memory_plan(inf.model, kind)
+    layers = p.config.llm.num_hidden_layers
+    assert done == {kind: 14 * layers}  # q, k, v, o, gate, up, down of both experts
+    layer = inf.model.language_model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, WeightOnlyLinear) and isinstance(layer.mlp_moe_gen.down_proj, WeightOnlyLinear)
+    assert not any(isinstance(m, torch.nn.Linear) for m in inf.model.language_model.model.layers.modules())
+    assert bytes_on(inf.model, "cpu") < before
+    with torch.inference_mode():
+        got = inf.velocity(inf.new_context().add_text(prompts.DEPTH_PROMPT), x, 0.5, 64, 64)
+    error = float((got - ref).norm() / ref.norm())
+    assert 0 < error < tolerance
+
+
+def test_maps_plan_offloads_the_text_head_and_vit_and_maps_still_work():
+    from cooper_model.backends.memory import apply_memory_plan
+
+    p = random_pipeline("bagel-tiny", "cpu", "float32")
+    rgb = np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    ref = p.depth(rgb, num_steps=3)
+    apply_memory_plan(p.inferencer.model, "maps")
+    head = p.inferencer.model.language_model.lm_head
+    assert head.weight.device.type == "meta" and hasattr(head, "_hf_hook")  # weights kept off the device
+    got = p.depth(rgb, num_steps=3)
+    assert np.abs(got.relative - ref.relative).max() < 1e-5
+    with pytest.raises(ValueError, match="memory plan"):
+        apply_memory_plan(p.inferencer.model, "int8+fp8")
