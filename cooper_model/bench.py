@@ -143,10 +143,10 @@ def matmul_rate(device, dtype, size: int = 8192, repeat: int = 20) -> float:
     return 2 * size**3 / seconds
 
 
-def _interleaved(fns: dict, device, repeat: int) -> dict:
+def _interleaved(fns: dict, device, repeat: int, warmup: bool = True) -> dict:
     """Median seconds of each function, timed in rounds (a, b, c, a, b, c, ...) so that a load
     that comes and goes on a shared machine hits every candidate alike."""
-    for fn in fns.values():
+    for fn in fns.values() if warmup else ():
         fn()  # warm-up (compilation, allocator)
     samples = {name: [] for name in fns}
     for _ in range(repeat):
@@ -255,7 +255,8 @@ def knobs(pipe, scene: Scene, repeat: int, eval_data: str | None, eval_images: i
             row.update({f"eval_{k}": v for k, v in r["depth_aligned"].items()})
         rows[name] = row
         every[name] = lambda settings=settings: scene.depth(pipe, **settings)
-    for name, seconds in _interleaved(every, device, max(1, repeat // 2)).items():
+    # each setting has just run once (its quality map): that was the warm-up
+    for name, seconds in _interleaved(every, device, max(1, repeat // 2), warmup=False).items():
         rows[name]["depth_map_s"] = seconds
     for row in rows.values():
         row["speedup"] = rows["reference"]["depth_map_s"] / row["depth_map_s"]

@@ -26,7 +26,7 @@ run() {  # name, timeout seconds, bench arguments...
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT_DIR/gpu.txt"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT_DIR/gpu.txt"
-run backends 330 --backends eager,compile,tensorrt --compile-mode default --steps 50 --repeat 3 --text-tokens 16
-run knobs 200 --no-stages --backends eager --knobs --repeat 1
-run memory 150 --no-stages --backends eager --steps 10 --repeat 1 --memory-plans none,int8,fp8,maps,int8+maps
+run backends 300 --backends eager,compile,tensorrt --compile-mode default --steps 50 --repeat 3 --text-tokens 16
+run knobs 180 --no-stages --backends eager --knobs --repeat 1
+run memory 120 --no-stages --backends eager --steps 10 --repeat 1 --memory-plans none,int8,fp8,maps,int8+maps
 ls -la "$OUT_DIR"

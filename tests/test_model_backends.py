@@ -337,3 +337,11 @@ def test_maps_plan_offloads_the_text_head_and_vit_and_maps_still_work():
     assert np.abs(got.relative - ref.relative).max() < 1e-5
     with pytest.raises(ValueError, match="memory plan"):
         apply_memory_plan(p.inferencer.model, "int8+fp8")
+
+
+def test_cuda_graphs_need_a_cuda_model(pipe):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(BackendUnavailable, match="CUDA graphs need the model on a CUDA device"):
+        select_backend("compile", pipe.inferencer, {"compile": {"cuda_graphs": True}})
+    assert select_backend("compile", pipe.inferencer).cuda_graphs is False
