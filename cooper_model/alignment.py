@@ -67,3 +67,21 @@ def fit_scale_shift(pred: np.ndarray, target: np.ndarray, valid: np.ndarray | No
             scale, shift = _least_squares(x[inliers], y[inliers])
     residual = scale * x[inliers] + shift - y[inliers]
     return ScaleShiftFit(scale, shift, float(np.sqrt(np.mean(residual**2))), float(inliers.mean()), int(x.size))
+
+
+def depth_metrics(pred: np.ndarray, gt: np.ndarray, depth_range: tuple[float, float], align: bool) -> dict | None:
+    """Upstream's (Marigold's) protocol: optional least-squares scale/shift of `pred` to `gt` over
+    valid pixels, clamp to the range, then AbsRel, delta1 (max ratio < 1.25) and RMSE. None when
+    fewer than 10 pixels are valid."""
+    lo, hi = depth_range
+    valid = np.isfinite(gt) & (gt > lo) & (gt < hi) & np.isfinite(pred)
+    if valid.sum() < 10:
+        return None
+    p = pred.astype(np.float64)
+    if align:
+        p = fit_scale_shift(p, gt, valid).apply(p)
+    p = np.clip(p, lo, hi)[valid]
+    g = gt[valid].astype(np.float64)
+    ratio = np.maximum(p / g, g / p)
+    return {"absrel": float(np.mean(np.abs(p - g) / g)), "delta1": float(np.mean(ratio < 1.25)),
+            "rmse": float(np.sqrt(np.mean((p - g) ** 2)))}

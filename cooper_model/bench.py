@@ -34,6 +34,7 @@ import torch
 from . import image_processor as ip
 from . import prompts
 from .autoencoder import FluxAutoencoder
+from .alignment import depth_metrics
 from .backends import BackendUnavailable
 from .backends.memory import apply_memory_plan, bytes_on
 from .checkpoint import _dtype
@@ -230,15 +231,33 @@ KNOBS = {
 }
 
 
+def depth_eval_set(split_dir: str, limit: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(RGB, metres) pairs of a data split's Stage-1 depth rows (`stage1.jsonl`: `rgb_image`,
+    `depth_image` as uint16 with `depth_scale`), read directly so the model package needs no
+    training code."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    root, pairs = Path(split_dir), []
+    with open(root / "stage1.jsonl") as f:
+        for row in map(json.loads, f):
+            if row["task"] != "depth":
+                continue
+            raw = np.asarray(Image.open(root / row["depth_image"])).astype(np.float32)
+            depth = np.where(raw > 0, raw / float(row.get("depth_scale", 1000.0)), np.nan).astype(np.float32)
+            pairs.append((np.asarray(Image.open(root / row["rgb_image"]).convert("RGB")), depth))
+            if len(pairs) >= limit:
+                break
+    return pairs
+
+
 def knobs(pipe, scene: Scene, repeat: int, eval_data: str | None, eval_images: int) -> dict:
     """Each knob against the reference (the checkpoint's depth settings), in the same run."""
     reference = pipe.settings("depth")
     samples = None
     if eval_data:
-        from training.data.readers import read_synth  # the evaluation set of the data engine
-        from training.evaluate import evaluate_maps
-
-        samples = [s for _, s in zip(range(eval_images), read_synth(eval_data))]
+        samples = depth_eval_set(eval_data, eval_images)
     device, rows = pipe.inferencer.device, {}
     ref_map = None
     every = {}
@@ -251,8 +270,10 @@ def knobs(pipe, scene: Scene, repeat: int, eval_data: str | None, eval_images: i
             ref_map = out.relative
         row["mean_abs_change_vs_reference"] = float(np.abs(out.relative - ref_map).mean())
         if samples:
-            r = evaluate_maps(pipe, samples, settings, pipe.depth_range, desc=name, segment=False)
-            row.update({f"eval_{k}": v for k, v in r["depth_aligned"].items()})
+            scores = [depth_metrics(pipe.depth(rgb, **settings).relative, gt, pipe.depth_range, align=True)
+                      for rgb, gt in samples]
+            scores = [m for m in scores if m]
+            row.update({f"eval_{k}": float(np.mean([m[k] for m in scores])) for k in scores[0]} if scores else {})
         rows[name] = row
         every[name] = lambda settings=settings: scene.depth(pipe, **settings)
     # each setting has just run once (its quality map): that was the warm-up

@@ -168,7 +168,7 @@ class CooperPipeline:
     def reasoning_trained(self) -> bool:
         """Whether answers mean anything: the weights went through stage 2 (or are released ones)."""
         stages = self.config.trained_stages
-        return self.is_trained and (stages is None or "stage2" in stages)
+        return self.is_trained and (stages is None or any(s.startswith("stage2") for s in stages))
 
     @property
     def depth_range(self) -> tuple[float, float]:

@@ -173,7 +173,7 @@ def test_sft_smoke_trains_and_exports_a_loadable_checkpoint(tmp_path):
     assert len(rows) == 3 and np.isfinite(rows["loss"]).all() and (rows["tokens"] > 2000).all()
     assert (out / "checkpoints" / "step_0000003").is_dir()
     card = json.loads((out / "export" / "training_run.json").read_text())
-    assert card["stage"] == "2a-sft" and card["steps"] == 3
+    assert card["stage"] == "stage2a-sft" and card["steps"] == 3
     from cooper_model.pipeline import CooperPipeline
 
     pipe = CooperPipeline.from_pretrained(out / "export", tokenizer=byte_level_tokenizer())

@@ -159,6 +159,21 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
+def export_checkpoint(model, vae, tokenizer, out: str | Path, stage: str, card: dict | None = None,
+                      dtype="float32") -> None:
+    """Write `model` in the released layout (ema.safetensors, ae.safetensors, configs, tokenizer),
+    recording the training stage it went through."""
+    from cooper_model.checkpoint import save_checkpoint
+
+    config = model.config
+    config.trained = True
+    if config.trained_stages is not None:  # None = a released checkpoint, trained through every stage
+        config.trained_stages = sorted({*config.trained_stages, stage})
+    save_checkpoint(out, model, vae, tokenizer, dtype=dtype)
+    if card:
+        (Path(out) / "training_run.json").write_text(json.dumps(card, indent=2) + "\n")
+
+
 class Trainer:
     """Runs `objective(pack) -> {"loss_sum": tensor, "count": int, **metrics}` over packs made by
     `make_packs(indices, step) -> (packs, count)`, where `count` is this process's loss normaliser
@@ -186,6 +201,7 @@ class Trainer:
         self.order = DataOrder(num_examples, cfg.batch_size, cfg.seed)
         self.step = 0
         self.num_parameters = sum(p.numel() for p in params)
+        self.started = time.time()
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -233,6 +249,19 @@ class Trainer:
         self.ema.load_state_dict(torch.load(last / "ema.pt", map_location="cpu", weights_only=True))
         self.step = json.loads((last / STATE_FILE).read_text())["step"]
         self.accelerator.print(f"resumed from {last} (step {self.step})")
+
+    def finish(self, vae, tokenizer, export_dir: str | None, stage: str, weights: str = "ema") -> None:
+        """End the run; with `export_dir`, the main process writes the EMA (or the live) weights there."""
+        acc = self.accelerator
+        if export_dir and acc.is_main_process:
+            swap = self.ema.swapped_in() if weights == "ema" else contextlib.nullcontext()
+            with swap:
+                export_checkpoint(self.unwrapped.model, vae, tokenizer, export_dir, stage,
+                                  card={"stage": stage, "steps": self.cfg.total_steps, "config": self.cfg.to_dict(),
+                                        "seconds_this_process": round(time.time() - self.started, 1)})
+            acc.print(f"exported {weights} weights to {export_dir}")
+        acc.wait_for_everyone()
+        acc.end_training()
 
     # The loop ------------------------------------------------------------------------------------
     def fit(self, make_packs, on_log=None) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from cooper_model.alignment import fit_scale_shift
+from cooper_model.alignment import depth_metrics
 from cooper_model.codecs import colorize_depth
 from cooper_model.pipeline import CooperPipeline
 
@@ -33,21 +33,6 @@ MODES = ("direct", "perception", "text", "interleave")
 
 
 # Metrics ------------------------------------------------------------------------------------------
-
-def depth_metrics(pred: np.ndarray, gt: np.ndarray, depth_range: tuple[float, float], align: bool) -> dict | None:
-    lo, hi = depth_range
-    valid = np.isfinite(gt) & (gt > lo) & (gt < hi) & np.isfinite(pred)
-    if valid.sum() < 10:
-        return None
-    p = pred.astype(np.float64)
-    if align:
-        p = fit_scale_shift(p, gt, valid).apply(p)
-    p = np.clip(p, lo, hi)[valid]
-    g = gt[valid].astype(np.float64)
-    ratio = np.maximum(p / g, g / p)
-    return {"absrel": float(np.mean(np.abs(p - g) / g)), "delta1": float(np.mean(ratio < 1.25)),
-            "rmse": float(np.sqrt(np.mean((p - g) ** 2)))}
-
 
 def mean_metrics(rows: list[dict]) -> dict:
     rows = [r for r in rows if r]

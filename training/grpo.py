@@ -52,7 +52,7 @@ from cooper_model.reasoning import Reasoner, TextSettings
 
 from . import rewards as R
 from .engine import Trainer, TrainConfig, example_rng
-from .sft import InterleavedSequenceBuilder, Item, export_run, load_stage2, options
+from .sft import InterleavedSequenceBuilder, Item, load_stage2, options
 
 DEFAULTS = dict(
     data_dir=None,  # RL_data.jsonl (and questions.jsonl for the rule judge)
@@ -398,7 +398,7 @@ def main(argv=None):
     trainer = Trainer(cfg, GRPOObjective(model, x, vocab_size), len(rows))
     acc = trainer.accelerator
     if acc.distributed_type.value not in ("NO", "MULTI_CPU", "MULTI_GPU"):
-        raise NotImplementedError(f"GRPO rollouts run on the unwrapped model: {acc.distributed_type} would need its "
+        raise ValueError(f"GRPO rollouts run on the unwrapped model: {acc.distributed_type} would need its "
                                   f"parameters gathered for generation; use one process or DDP")
     vae.to(acc.device)
     if ref_model is not None:
@@ -410,15 +410,8 @@ def main(argv=None):
     batches.accelerator = acc
     if acc.is_main_process:
         batches.rollout_log = Path(cfg.output_dir) / "rollouts.jsonl"
-    start = time.time()
     trainer.fit(batches)
-    if x["export_dir"] and acc.is_main_process:
-        export_run(trainer, vae, tokenizer, x, {"stage": "2b-grpo", "steps": cfg.total_steps, "config": cfg.to_dict(),
-                                                "seconds_this_process": round(time.time() - start, 1)})
-        acc.print(f"exported {x['export_weights']} weights to {x['export_dir']}")
-    acc.wait_for_everyone()
-    acc.end_training()
-
+    trainer.finish(vae, tokenizer, x["export_dir"], stage="stage2b-grpo", weights=x["export_weights"])
 
 if __name__ == "__main__":
     main()

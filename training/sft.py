@@ -25,7 +25,6 @@ import argparse
 import base64
 import io
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from cooper_model.packing import PackedSequence, forward_packed
 from cooper_model.tokenizer import load_tokenizer
 
 from .engine import Trainer, TrainConfig, example_rng, torch_generator
-from .stage1 import LatentCache, export
+from .stage1 import LatentCache
 
 DEFAULTS = dict(
     data_dir=None,  # directory with Interleaved_SFT.jsonl
@@ -238,16 +237,6 @@ def options(cfg: TrainConfig, defaults: dict, what: str) -> dict:
     return cfg.extra
 
 
-def export_run(trainer: Trainer, vae, tokenizer, x: dict, card: dict) -> None:
-    """The chosen weights (EMA or live) in the release layout."""
-    model = trainer.unwrapped.model
-    if x["export_weights"] == "ema":
-        with trainer.ema.swapped_in():
-            export(model, vae, tokenizer, x["export_dir"], card=card)
-    else:
-        export(model, vae, tokenizer, x["export_dir"], card=card)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML of TrainConfig fields and SFT options")
@@ -268,15 +257,8 @@ def main(argv=None):
     acc.print(f"SFT: {len(rows)} traces, {trainer.num_parameters / 1e6:.2f} M trainable parameters, "
               f"{acc.num_processes} process(es), start at step {trainer.step}")
     builder = InterleavedSequenceBuilder(Inferencer(model, vae, tokenizer), map_vae=x["map_vae"])
-    start = time.time()
     trainer.fit(SFTBatches(rows, builder, vae, cfg))
-    if x["export_dir"] and acc.is_main_process:
-        export_run(trainer, vae, tokenizer, x, {"stage": "2a-sft", "steps": cfg.total_steps, "config": cfg.to_dict(),
-                                                "seconds_this_process": round(time.time() - start, 1)})
-        acc.print(f"exported {x['export_weights']} weights to {x['export_dir']}")
-    acc.wait_for_everyone()
-    acc.end_training()
-
+    trainer.finish(vae, tokenizer, x["export_dir"], stage="stage2a-sft", weights=x["export_weights"])
 
 if __name__ == "__main__":
     main()

@@ -17,10 +17,7 @@ runs once per image and flip, and each step only samples from the cached Gaussia
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +25,7 @@ from torch import nn
 
 from cooper_model import image_processor as ip
 from cooper_model.autoencoder import FluxAutoencoder
-from cooper_model.checkpoint import load_autoencoder, load_model, save_checkpoint
+from cooper_model.checkpoint import load_autoencoder, load_model
 from cooper_model.codecs import default_palette
 from cooper_model.config import preset
 from cooper_model.modeling import CooperModel, patchify
@@ -190,8 +187,8 @@ def build(cfg: TrainConfig):
         config.class_names = list(x["class_names"] or CLASS_NAMES)
         config.palette = default_palette(len(config.class_names)).tolist()
     config.depth_kind = x["depth_kind"]
-    if not x["init_from"]:  # from scratch: only the maps are trained until stage 2 runs
-        config.trained_stages = ["stage1"]
+    if not x["init_from"]:  # from scratch: nothing is trained until `finish` records stage 1
+        config.trained_stages = []
     vae = load_autoencoder(x["autoencoder"] or x["init_from"])
     tokenizer = load_tokenizer(x["tokenizer"] or x["init_from"])
     if len(tokenizer) > config.llm.vocab_size:
@@ -210,15 +207,6 @@ def build(cfg: TrainConfig):
     return model, vae, tokenizer, dataset
 
 
-def export(model: CooperModel, vae, tokenizer, out: str | Path, dtype="float32", trained: bool = True,
-           card: dict | None = None) -> None:
-    """The release layout (ema.safetensors, ae.safetensors, configs, tokenizer)."""
-    model.config.trained = trained
-    save_checkpoint(out, model, vae, tokenizer, dtype=dtype)
-    if card:
-        (Path(out) / "training_run.json").write_text(json.dumps(card, indent=2) + "\n")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML of TrainConfig fields and stage-1 options")
@@ -231,17 +219,8 @@ def main(argv=None):
     acc.print(f"stage 1: {len(dataset)} examples, {trainer.num_parameters / 1e6:.2f} M trainable parameters, "
               f"{acc.num_processes} process(es), start at step {trainer.step}")
     batches = Stage1Batches(dataset, model, vae, tokenizer, cfg)
-    start = time.time()
     trainer.fit(batches)
-    if cfg.extra["export_dir"] and acc.is_main_process:
-        with trainer.ema.swapped_in():
-            export(trainer.unwrapped.model, vae, tokenizer, cfg.extra["export_dir"],
-                   card={"stage": 1, "steps": cfg.total_steps, "config": cfg.to_dict(),
-                         "seconds_this_process": round(time.time() - start, 1)})
-        acc.print(f"exported EMA weights to {cfg.extra['export_dir']}")
-    acc.wait_for_everyone()
-    acc.end_training()
-
+    trainer.finish(vae, tokenizer, cfg.extra["export_dir"], stage="stage1")
 
 if __name__ == "__main__":
     main()

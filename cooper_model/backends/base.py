@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Callable
 
 import torch
@@ -15,21 +16,21 @@ class BackendUnavailable(RuntimeError):
     """This backend cannot run on this machine (the message says why)."""
 
 
-class Backend:
+class Backend(ABC):
     name = "base"
 
     def __init__(self, inferencer):
         self.inferencer = inferencer
         self.notes: list[str] = []  # why backends earlier in the fallback chain were skipped
 
+    @abstractmethod
     def prepare(self, contexts, height: int, width: int) -> StepFn:
         """Called once per generated image with its read-only contexts (conditional first, then the
         text-free and image-free CFG contexts when guidance uses them)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Latents [1, z, h, w] -> image [1, 3, H, W] in [-1, 1], float32."""
-        raise NotImplementedError
 
     def describe(self) -> dict:
         return {"backend": self.name}
