@@ -17,11 +17,11 @@ import pytest
 pytest.importorskip("rclpy", reason="ROS 2 not installed (run scripts/setup.sh)")
 pytest.importorskip("cooper_interfaces.srv", reason="cooper_interfaces not built (run scripts/setup.sh)")
 
-from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
+from sensor_msgs.msg import Image  # noqa: E402
 
 from cooper_interfaces.srv import SpatialQuery  # noqa: E402
-from cooper_ros.testing import (FAST, NodeProcess, RosClient, camera_info, make_image,  # noqa: E402
-                                now_stamp, pattern_frame, request, small_image, wait_for)
+from cooper_ros.testing import (FAST, NodeProcess, RosClient, SyntheticCamera, request,  # noqa: E402
+                                small_image, wait_for)
 
 RATE_HZ = 60.0
 DURATION_S = 15.0
@@ -43,12 +43,9 @@ def test_flood_60hz_with_questions(tmp_path):
         assert client.wait_for_service(SpatialQuery, SRV, timeout=120), node.log_text()[-3000:]
         outs = {k: client.stamps(Image, f"/cooper/{k}") for k in
                 ("depth/relative", "depth/colored", "segmentation/image")}
-        pub = client.publisher(Image, CAM)
-        info_pub = client.publisher(CameraInfo, INFO)
-        assert client.wait_for_subscribers(pub, 1, 60)
+        camera = SyntheticCamera(client, CAM, INFO, 640, 480, "flood")
+        assert client.wait_for_subscribers(camera.image_pub, 1, 60)
         time.sleep(1.0)  # let the node see our subscriptions
-        frames = [make_image(pattern_frame(480, 640, t=i), "rgb8", frame_id="flood") for i in range(4)]
-        info = camera_info(640, 480, "flood")
         query = request("How far is the chair from the table?", mode="perception", max_turns=1)
         answers = []
         stop = threading.Event()
@@ -69,13 +66,7 @@ def test_flood_60hz_with_questions(tmp_path):
             target = t0 + i / RATE_HZ
             if time.monotonic() < target:
                 time.sleep(target - time.monotonic())
-            st = now_stamp(client)
-            info.header.stamp = st
-            info_pub.publish(info)
-            msg = frames[i % len(frames)]
-            msg.header.stamp = st
-            pub.publish(msg)
-            sent.add(st.sec * 1_000_000_000 + st.nanosec)
+            sent.add(camera.send(i))
             if i == 30:
                 qt.start()
             i += 1

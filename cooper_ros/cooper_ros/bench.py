@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cooper_interfaces.srv import SpatialQuery
 
-    from .testing import NodeProcess, RosClient, camera_info, make_image, now_stamp, pattern_frame
+    from .testing import NodeProcess, RosClient, SyntheticCamera
 
     W, H = args.width, args.height
     params = {"model.checkpoint": args.checkpoint, "model.device": args.device,
@@ -156,21 +156,11 @@ def main(argv: list[str] | None = None) -> int:
                   "info": ("/cooper/depth/camera_info", CameraInfo), "seg": ("/cooper/segmentation/image", Image),
                   "labels": ("/cooper/segmentation/labels", Image), "points": ("/cooper/points", PointCloud2)}
         outs = {k: client.collect(t, name) for k, (name, t) in topics.items()}
-        pub = client.publisher(Image, "/bench/image_raw")
-        info_pub = client.publisher(CameraInfo, "/bench/camera_info", reliable=True)
-        client.wait_for_subscribers(pub, 1, 60)
+        camera = SyntheticCamera(client, "/bench/image_raw", "/bench/camera_info", W, H, "bench_cam",
+                                 info_reliable=True)
+        client.wait_for_subscribers(camera.image_pub, 1, 60)
         time.sleep(1.5)
-        frames = [make_image(pattern_frame(H, W, t=i), "rgb8", frame_id="bench_cam") for i in range(4)]
-        info = camera_info(W, H, "bench_cam")
-
-        def send(i):
-            st = now_stamp(client)
-            info.header.stamp = st
-            info_pub.publish(info)
-            m = frames[i % len(frames)]
-            m.header.stamp = st
-            pub.publish(m)
-            return st.sec * 10**9 + st.nanosec
+        send = camera.send
 
         def lat(q, key_ns):
             for t, m in q:

@@ -57,8 +57,7 @@ def run(args) -> int:
 
     from cooper_interfaces.srv import SpatialQuery
 
-    from .testing import (NodeProcess, RosClient, camera_info, make_image, now_stamp,
-                          pattern_frame, request)
+    from .testing import NodeProcess, RosClient, SyntheticCamera, request
 
     W, H = args.width, args.height
     out_path = Path(args.json)
@@ -90,21 +89,10 @@ def run(args) -> int:
             "labels": ("/cooper/segmentation/labels", Image),
             "points": ("/cooper/points", PointCloud2),
             "info": ("/cooper/depth/camera_info", CameraInfo)}.items()}
-        pub = client.publisher(Image, "/flood/image_raw")
-        info_pub = client.publisher(CameraInfo, "/flood/camera_info")
-        client.wait_for_subscribers(pub, 1, 60)
+        synthetic = SyntheticCamera(client, "/flood/image_raw", "/flood/camera_info", W, H, "flood_cam")
+        client.wait_for_subscribers(synthetic.image_pub, 1, 60)
         time.sleep(1.5)
-        frames = [make_image(pattern_frame(H, W, t=i), "rgb8", frame_id="flood_cam") for i in range(4)]
-        info = camera_info(W, H, "flood_cam")
-
-        def send(i):
-            st = now_stamp(client)
-            info.header.stamp = st
-            info_pub.publish(info)
-            m = frames[i % len(frames)]
-            m.header.stamp = st
-            pub.publish(m)
-            return st.sec * 1_000_000_000 + st.nanosec
+        send = synthetic.send
 
         def got(key, stamp_ns):
             return next((r for r, s, _f in list(outs[key]) if s == stamp_ns), None)
@@ -165,7 +153,6 @@ def run(args) -> int:
         sent = []
         queries: list[tuple[float, float, bool, str]] = []   # (start offset s, latency, ok, message)
         t_start = time.monotonic()
-        flood_start_ns = client.now().nanoseconds
 
         def camera():
             i = 0

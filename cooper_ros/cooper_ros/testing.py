@@ -403,6 +403,31 @@ def camera_info(w, h, frame_id):
     return ci
 
 
+class SyntheticCamera:
+    """A camera driver stand-in: cycles a few pattern frames, each published with a CameraInfo of
+    the same stamp, as a real driver pairs them."""
+
+    def __init__(self, client, image_topic: str, info_topic: str, width: int = 640, height: int = 480,
+                 frame_id: str = "camera", info_reliable: bool = False):
+        from sensor_msgs.msg import CameraInfo, Image
+
+        self.client = client
+        self.image_pub = client.publisher(Image, image_topic)
+        self.info_pub = client.publisher(CameraInfo, info_topic, reliable=info_reliable)
+        self.frames = [make_image(pattern_frame(height, width, t=i), "rgb8", frame_id=frame_id) for i in range(4)]
+        self.info = camera_info(width, height, frame_id)
+
+    def send(self, i: int) -> int:
+        """Publish frame i now; returns its stamp in nanoseconds."""
+        st = now_stamp(self.client)
+        self.info.header.stamp = st
+        self.info_pub.publish(self.info)
+        msg = self.frames[i % len(self.frames)]
+        msg.header.stamp = st
+        self.image_pub.publish(msg)
+        return st.sec * 1_000_000_000 + st.nanosec
+
+
 def checkpoint_variant(dest: str | Path, depth_kind: str | None = None, palette: bool = True,
                        source: str | Path | None = None) -> Path:
     """A copy of a checkpoint (default: the bundled one) with another depth kind and/or without
