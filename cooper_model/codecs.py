@@ -98,7 +98,9 @@ class SegmentationCodec:
     def decode(self, image: np.ndarray) -> np.ndarray:
         """uint8 [H, W, 3] -> uint16 [H, W] class ids (nearest palette colour in RGB)."""
         flat = np.asarray(image, dtype=np.int32).reshape(-1, 3)
-        colours, inverse = np.unique(flat, axis=0, return_inverse=True)
+        # one int per colour: a 1-D unique is ~10x faster than unique rows (axis=0) on a frame
+        packed, inverse = np.unique((flat[:, 0] << 16) | (flat[:, 1] << 8) | flat[:, 2], return_inverse=True)
+        colours = np.stack([packed >> 16, (packed >> 8) & 255, packed & 255], axis=1)
         dist = ((colours[:, None, :] - self.palette[None, :, :].astype(np.int32)) ** 2).sum(-1)
         labels = dist.argmin(axis=1)[inverse.reshape(-1)]
         return labels.reshape(np.asarray(image).shape[:2]).astype(np.uint16)

@@ -22,9 +22,13 @@ def test_demo_writes_outputs_and_says_whether_weights_are_trained(tmp_path):
                        capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-4000:]
-    untrained = not read_config(BUNDLED_CHECKPOINT).trained
-    assert ("UNTRAINED" in log) == untrained
-    assert ("UNTRAINED" in (out / "SUMMARY.md").read_text()) == untrained
+    config = read_config(BUNDLED_CHECKPOINT)
+    untrained = not config.trained
+    stage1_only = config.trained and config.trained_stages is not None and \
+        not any(s.startswith("stage2") for s in config.trained_stages)
+    summary = (out / "SUMMARY.md").read_text()
+    assert ("UNTRAINED" in log) == untrained and ("UNTRAINED" in summary) == untrained
+    assert ("stage 1 only" in log) == stage1_only and ("stage 1 only" in summary) == stage1_only
     answers = json.loads((out / "answers.json").read_text())
     assert len(answers) >= 3 and all(a["success"] for a in answers)
     assert any(a["tools_used"] for a in answers)           # the perception-mode question made maps

@@ -27,7 +27,7 @@ CAM = "/lc_camera/image_raw"
 def node(tmp_path_factory):
     log = tmp_path_factory.mktemp("lc") / "cooper_node.log"
     # rate_hz given as an int on purpose: accepted for a float parameter
-    proc = NodeProcess(params=dict(FAST, **{"perception.rate_hz": 5}), remaps={"image": CAM},
+    proc = NodeProcess(params=dict(FAST, **{"perception.rate_hz": 5, "model.cpu_threads": 1}), remaps={"image": CAM},
                        log_path=log).start()
     yield proc
     assert proc.stop() == 0, proc.log_text()[-3000:]
@@ -227,8 +227,9 @@ def test_lifecycle_transitions_under_load(node, client):
 def test_diagnostics(node, client):
     d = client.diagnostics()
     assert d["lifecycle_state"] == "active"
-    assert d["model_trained"] in ("True", "False")
+    assert d["model_trained"] in ("True", "False") and d["model_reasoning_trained"] in ("True", "False")
     if d["model_trained"] == "False":
         assert d["_message"] == "running on UNTRAINED weights"
     assert float(d["rss_mb"]) > 0
+    assert d["model_cpu_threads"] == "1"   # model.cpu_threads, as the model's own thread sees it
     assert d["model_depth_is_metric"] in ("True", "False") and d["model_has_palette"] in ("True", "False")

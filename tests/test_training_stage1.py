@@ -130,3 +130,26 @@ def test_killed_run_resumes_from_its_last_checkpoint_and_loses_nothing(tmp_path,
     # no temporary checkpoint directories are left behind, and only the newest ones are kept
     names = sorted(p.name for p in (killed / "checkpoints").iterdir())
     assert names == ["step_0000004", "step_0000006"]
+
+
+def test_one_step_fraction_trains_the_one_step_sampler(tokenizer_dir, tmp_path):
+    """one_step_fraction=1 puts every target at t = 1 (pure noise, the one-step sampler's input);
+    0 (the default) keeps the logit-normal stream untouched."""
+    from training.stage1 import Stage1Batches, build
+
+    def examples(**kw):
+        cfg = TrainConfig.from_yaml(None, stage1_args(tmp_path / "r", tokenizer_dir, **kw))
+        model, vae, tokenizer, dataset = build(cfg)
+        batches = Stage1Batches(dataset, model, vae, tokenizer, cfg)
+        return [batches.example(i, step=3) for i in range(4)]
+
+    for seq, target in examples(one_step_fraction=1.0):
+        noisy_t = seq.latent_t[-1]
+        assert torch.all(noisy_t == 1.0)
+        eps = seq.latents[-1]   # at t = 1 the noisy tokens are the noise itself
+        assert target.shape == eps.shape and not torch.allclose(target, eps)
+    default = examples()
+    assert all(float(seq.latent_t[-1][0]) < 1.0 for seq, _ in default)
+    again = examples(one_step_fraction=0.0)
+    for (a, ta), (b, tb) in zip(default, again):
+        assert torch.equal(ta, tb) and torch.equal(a.latents[-1], b.latents[-1])

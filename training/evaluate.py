@@ -24,8 +24,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from cooper_model import image_processor as ip
 from cooper_model.alignment import depth_metrics
-from cooper_model.codecs import colorize_depth
+from cooper_model.codecs import DepthCodec, colorize_depth
+from cooper_model.inference import decode_depth01
 from cooper_model.pipeline import CooperPipeline
 
 NYU_CROP = (slice(45, 471), slice(41, 601))  # upstream's NYUv2 evaluation crop
@@ -95,6 +97,49 @@ def evaluate_maps(pipe: CooperPipeline, samples, settings: dict, depth_range, cr
     if confusion is not None and confusion.sum():
         result["segmentation_miou"], per_class = miou(confusion)
         result["segmentation_iou_per_class"] = {pipe.class_names[k]: v for k, v in per_class.items()}
+        result["segmentation_pixel_accuracy"] = float(np.trace(confusion) / confusion.sum())
+    return result
+
+
+def autoencoder_ceiling(pipe: CooperPipeline, samples, depth_range, max_images=None) -> dict:
+    """The maps a perfect denoiser would give: each ground-truth map encoded at the model's
+    resolution, decoded and resized back as the pipeline does, then scored like a prediction.
+    No generated map beats it: it is the bound the autoencoder and the map resolution set."""
+    import torch
+
+    vae, codec = pipe.inferencer.vae, DepthCodec(*depth_range)
+    palette = np.asarray(pipe.config.palette, np.uint8) if pipe.has_palette else None
+    num_classes = len(palette) if palette is not None else 0
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    aligned = []
+
+    def round_trip(image: torch.Tensor) -> torch.Tensor:  # [3, H, W] in [-1, 1]
+        with torch.inference_mode():
+            return vae.decode(vae.encode(image[None], sample=False))[0].float()
+
+    for n, s in enumerate(tqdm(samples, desc="autoencoder ceiling", total=max_images, leave=False)):
+        if max_images is not None and n >= max_images:
+            break
+        h, w = s.rgb.shape[:2]
+        size = ip.target_size(w, h, pipe.config.vae_transform)
+        if s.depth is not None:
+            # the training target exactly (training.stage1_data): float, not an 8-bit image
+            unit = np.asarray(Image.fromarray(codec.normalize(s.depth)).resize(size, Image.BILINEAR))
+            target = torch.from_numpy(np.clip(unit, 0, 1)).float()[None].repeat(3, 1, 1).mul(2).sub(1)
+            rel = torch.nn.functional.interpolate(decode_depth01(round_trip(target))[None, None], size=(h, w),
+                                                  mode="bilinear", align_corners=False)[0, 0].clamp(0, 1).numpy()
+            aligned.append(depth_metrics(rel, s.depth, depth_range, align=True))
+        if s.class_map is not None and palette is not None:
+            gt = s.class_map.astype(np.int64)
+            ok = (gt >= 0) & (gt < num_classes)
+            colours = Image.fromarray(palette[np.where(ok, gt, 0)]).resize(size, Image.NEAREST)
+            raw = np.asarray(Image.fromarray(ip.to_uint8(round_trip(ip.to_tensor(colours)))).resize((w, h), Image.NEAREST))
+            labels = pipe.segmentation_codec.decode(raw).astype(np.int64)
+            confusion += np.bincount(gt[ok] * num_classes + labels[ok],
+                                     minlength=num_classes**2).reshape(num_classes, num_classes)
+    result = {"depth_aligned": mean_metrics(aligned), "images": len(aligned)}
+    if confusion.sum():
+        result["segmentation_miou"], _ = miou(confusion)
         result["segmentation_pixel_accuracy"] = float(np.trace(confusion) / confusion.sum())
     return result
 
@@ -200,6 +245,17 @@ def markdown(report: dict) -> str:
         if r.get("seconds_per_depth_map"):
             lines.append(f"| seconds per depth map | {r['seconds_per_depth_map']:.3f} |")
         lines.append("")
+    if report.get("autoencoder_ceiling"):
+        c = report["autoencoder_ceiling"]
+        lines += ["## Autoencoder ceiling", "", "Ground-truth maps through the autoencoder at the model's resolution "
+                  f"and back ({c['images']} images): what a perfect denoiser would score.", "",
+                  "| metric | value |", "|---|---|"]
+        for k, v in c["depth_aligned"].items():
+            lines.append(f"| depth {k} (scale/shift aligned) | {v:.4f} |")
+        if "segmentation_miou" in c:
+            lines.append(f"| segmentation mIoU | {c['segmentation_miou']:.4f} |")
+            lines.append(f"| segmentation pixel accuracy | {c['segmentation_pixel_accuracy']:.4f} |")
+        lines.append("")
     if report.get("steps"):
         lines += ["## Depth quality against denoising steps", "", "| steps | CFG | AbsRel | delta1 | s/map |",
                   "|---|---|---|---|---|"]
@@ -257,6 +313,7 @@ def main(argv=None):
     if args.ade20k:
         report["datasets"]["ADE20K"] = evaluate_maps(pipe, read_ade20k(args.ade20k, "validation", args.max_images),
                                                      settings, depth_range, desc="ade20k")
+    report["autoencoder_ceiling"] = autoencoder_ceiling(pipe, read_synth(data), depth_range, args.max_images)
     if args.steps_sweep:
         steps = [int(s) for s in args.steps_sweep.split(",")]
         samples = list(read_synth(data))[: args.steps_images]

@@ -6,7 +6,9 @@
 Each example is BAGEL's editing sequence (upstream `pretrain_unified_depth.py`):
     [RGB as clean VAE latents] [RGB as ViT patches] [<depth-estimation>/<segmentation> prompt]
     [target map as noisy VAE latents x_t]  -> flow-matching MSE on v = eps - x0 at the noisy tokens.
-Timesteps are logit-normal, t = sigmoid(N(0, 1)), then shifted s t / (1 + (s - 1) t). Conditional
+Timesteps are logit-normal, t = sigmoid(N(0, 1)), then shifted s t / (1 + (s - 1) t); a share
+`one_step_fraction` of examples is put at t = 1, the single step of the fast one-step sampler, in the
+manner of Marigold's E2E-FT (which found the one-step fine-tune beats 50-step sampling). Conditional
 dropout drops the prompt, the ViT copy or the VAE copy per example (CFG training; COOPER used 0).
 The ViT and the autoencoder can be frozen (upstream freezes both). The EMA weights are what ships.
 
@@ -44,6 +46,7 @@ DEFAULTS = dict(
     class_names=None,  # segmentation classes (default: the data engine's catalogue)
     depth_kind="metric",
     timestep_shift=1.0,
+    one_step_fraction=0.0,  # share of examples trained at t = 1 exactly: the one-step map (E2E-FT)
     text_dropout=0.0,
     vit_dropout=0.0,
     vae_dropout=0.0,
@@ -144,7 +147,11 @@ class Stage1Batches:
         if not drop_text:
             seq.add_text(self._ids(ex.prompt))
         x0 = self._latent((row.get("depth_image") or row.get("label_image"), flip), ex.target, g)
-        t = logit_normal_t(rng, x["timestep_shift"])
+        # t = 1 is pure noise: the step a one-step sampler takes, so its loss is the one-step map's
+        # error (Marigold E2E-FT trains that step alone). The extra draw only when enabled, so runs
+        # without it keep their example streams.
+        one_step = x["one_step_fraction"] > 0 and rng.random() < x["one_step_fraction"]
+        t = 1.0 if one_step else logit_normal_t(rng, x["timestep_shift"])
         eps = torch.randn(x0.shape, generator=g)
         seq.add_latent_image((1 - t) * x0 + t * eps, lp, c.vae.downsample, c.max_latent_size, t=t, noisy=True)
         return seq, patchify(eps - x0, lp)

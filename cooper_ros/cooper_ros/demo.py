@@ -45,6 +45,18 @@ UNTRAINED = ("NOTE: the bundled checkpoint (cooper_model/checkpoints/cooper-smal
              "random weights. The depth maps, segmentations and answers below are meaningless; "
              "the demo shows that the pipeline and the ROS plumbing work end to end. Use a trained "
              "checkpoint (model.checkpoint / --checkpoint) for real results.")
+STAGE1_ONLY = ("NOTE: the checkpoint went through stage 1 only: its depth maps and segmentations are "
+               "trained, its answers are not (stage 2, the reasoning, is not trained yet), so they are "
+               "meaningless.")
+
+
+def weights_note(diag: dict) -> str | None:
+    """What the demo must say about the weights, from the node's diagnostics."""
+    if diag.get("model_trained") != "True":
+        return UNTRAINED
+    if diag.get("model_reasoning_trained") != "True":
+        return STAGE1_ONLY
+    return None
 
 
 def load_sequence(path: Path):
@@ -105,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         startup = time.monotonic() - t0
         diag = client.diagnostics()
-        trained = diag.get("model_trained") == "True"
+        note = weights_note(diag)
         print(f"[demo] node up in {startup:.1f} s; checkpoint {diag.get('model_checkpoint')}", flush=True)
-        if not trained:
-            print("\n" + "!" * 100 + f"\n{UNTRAINED}\n" + "!" * 100 + "\n", flush=True)
+        if note:
+            print("\n" + "!" * 100 + f"\n{note}\n" + "!" * 100 + "\n", flush=True)
 
         metric = diag.get("model_depth_is_metric") == "True"
         palette = diag.get("model_has_palette") == "True"
@@ -261,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         (out / "answers.json").write_text(json.dumps(answers, indent=1, ensure_ascii=False))
         (out / "latencies.json").write_text(json.dumps(lat, indent=1))
         md = ["# cooper demo", ""]
-        if not trained:
-            md += [f"**{UNTRAINED}**", ""]
+        if note:
+            md += [f"**{note}**", ""]
         md += [f"Checkpoint: `{diag.get('model_checkpoint')}` on {diag.get('model_device')}; "
                f"sequence: `{args.sequence}` ({len(frames)} frames, {args.rate:g} Hz).", "",
                "## Perception", "",
@@ -285,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         if not rows:
             print("[demo] no frame got all outputs", file=sys.stderr)
             rc = 1
-        if not trained:
-            print(f"[demo] {UNTRAINED}", flush=True)
+        if note:
+            print(f"[demo] {note}", flush=True)
     finally:
         cam_stop.set()
         client.close()

@@ -121,7 +121,7 @@ class CooperNode(LifecycleNode):
         self.stats = Stats()
         self.perception = Perception(self)
         self.worker: ModelWorker | None = None
-        self.model_info: dict[str, Any] = {"trained": False, "depth_is_metric": False, "has_palette": False}
+        self.model_info: dict[str, Any] = {"trained": False, "reasoning_trained": False, "depth_is_metric": False, "has_palette": False}
         self.active = False
         self.state_label = "unconfigured"
         self.image_topic = self.resolve_topic_name("image")
@@ -225,7 +225,7 @@ class CooperNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         self._create_interfaces(s, pipe)
         self.worker = ModelWorker(pipe, self.perception.ready, self.perception.step,
-                                  self._worker_crashed).start()
+                                  self._worker_crashed, cpu_threads=s["model.cpu_threads"]).start()
         self._configured = True
         self.state_label = "inactive"
         return TransitionCallbackReturn.SUCCESS
@@ -302,7 +302,8 @@ class CooperNode(LifecycleNode):
         self.model_info = {
             "checkpoint": path, "device": device, "dtype": s["model.dtype"], "backend": pipe.backend,
             "backend_requested": s["model.backend"],
-            "trained": bool(pipe.is_trained), "depth_range": tuple(pipe.depth_range),
+            "trained": bool(pipe.is_trained), "reasoning_trained": bool(pipe.reasoning_trained),
+            "depth_range": tuple(pipe.depth_range),
             "depth_is_metric": bool(pipe.depth_is_metric), "has_palette": bool(pipe.has_palette),
             "load_s": round(time.monotonic() - t0, 3),
         }
@@ -321,6 +322,10 @@ class CooperNode(LifecycleNode):
             self.get_logger().warning(
                 "the checkpoint's weights are UNTRAINED (random): depth, segmentation and "
                 "answers are meaningless until a trained checkpoint is used")
+        elif not pipe.reasoning_trained:
+            self.get_logger().warning(
+                "the checkpoint went through stage 1 only: its depth and segmentation are trained, "
+                "its answers to /spatial_query are not (stage 2 is missing)")
         return pipe
 
     def _create_interfaces(self, s: Settings, pipe) -> None:
@@ -431,6 +436,8 @@ class CooperNode(LifecycleNode):
         v = self.stats.values()
         v["queries_waiting"] = str(self.worker.waiting if self.worker is not None else 0)
         v["model_worker_threads"] = str(sum(t.name == THREAD_NAME and t.is_alive() for t in threading.enumerate()))
+        if self.worker is not None and self.worker.cpu_threads is not None:
+            v["model_cpu_threads"] = str(self.worker.cpu_threads)
         v["lifecycle_state"] = self.state_label
         for k, x in self.model_info.items():
             v[f"model_{k}"] = str(x)

@@ -80,6 +80,10 @@ PARAMS: list[ParamSpec] = [
               "JSON object {module name: device}.",
               check=lambda v: None if v in ("", "auto") or _is_json_object(v) else
               "must be empty, auto or a JSON object such as {\"language_model\": \"cuda:0\"}"),
+    ParamSpec("model.cpu_threads", 0,
+              "CPU threads of the model's math (torch intra-op) on a CPU device; 0 = torch's default "
+              "(one per core). Fewer leave cores to the camera driver and other processes.",
+              min=0, max=1024),
     # --- perception stream ---
     ParamSpec("perception.enabled", True, "Run depth/segmentation on incoming camera frames."),
     ParamSpec("perception.rate_hz", 0.0,
@@ -204,7 +208,7 @@ SPEC_BY_NAME = {p.name: p for p in PARAMS}
 
 # changing these while the node is configured is refused (they are applied at configure)
 RECONFIGURE_ONLY = {"model.checkpoint", "model.device", "model.dtype", "model.backend",
-                    "model.device_map", "query.service_name", "query.action_name",
+                    "model.device_map", "model.cpu_threads", "query.service_name", "query.action_name",
                     "input.reliability", "input.compressed", "alignment.source"}
 
 

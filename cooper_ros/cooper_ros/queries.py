@@ -217,8 +217,12 @@ class QueryServer:
             what = node.model_failed("query", exc)
             raise _Refused(f"{what} during inference: {type(exc).__name__}: {exc}", "error") from exc
         resp.success = True
-        resp.message = "" if node.model_info["trained"] else \
-            "warning: the model's weights are untrained; the answer is meaningless"
+        if not node.model_info["trained"]:
+            resp.message = "warning: the model's weights are untrained; the answer is meaningless"
+        elif not node.model_info["reasoning_trained"]:
+            resp.message = "warning: the model's reasoning is untrained (stage 1 only); the answer is meaningless"
+        else:
+            resp.message = ""
         resp.answer = clean_text(out.answer)
         resp.boxed_answer = clean_text(out.boxed_answer)
         resp.reasoning_turns = [clean_text(t) for t in out.turns]

@@ -68,8 +68,11 @@ class ModelWorker:
     """
 
     def __init__(self, pipe: Any, perception_ready: Callable[[], float | None],
-                 perception_step: Callable[[Any], None], on_crash: Callable[[str], None]):
+                 perception_step: Callable[[Any], None], on_crash: Callable[[str], None],
+                 cpu_threads: int = 0):
         self.pipe = pipe
+        self._cpu_threads_wanted = cpu_threads
+        self.cpu_threads: int | None = None  # torch's intra-op threads as this thread sees them
         self._ready = perception_ready
         self._step = perception_step
         self._on_crash = on_crash
@@ -153,7 +156,19 @@ class ModelWorker:
                     return None
                 self._cv.wait(0.5 if wait is None else min(wait, 0.5))
 
+    def _set_cpu_threads(self) -> None:
+        # set here, not at configure: OpenMP's thread count is per calling thread
+        import torch
+
+        if self._cpu_threads_wanted > 0:
+            torch.set_num_threads(self._cpu_threads_wanted)
+        self.cpu_threads = torch.get_num_threads()
+
     def _loop(self) -> None:
+        try:
+            self._set_cpu_threads()
+        except Exception:  # noqa: BLE001 - reported, the worker still runs with torch's default
+            self._on_crash(traceback.format_exc())
         while True:
             job = self._next()
             if job is False:
