@@ -228,6 +228,7 @@ KNOBS = {
     "cache_reuse_0.1": {"feature_cache": "reuse", "feature_cache_threshold": 0.1},
     "cache_taylor_0.1": {"feature_cache": "taylor", "feature_cache_threshold": 0.1},
     "fast": {"num_steps": "half", "cfg_image_branch": False, "feature_cache": "taylor", "feature_cache_threshold": 0.1},
+    "one_step_no_cfg": {"num_steps": 2, "cfg_text_scale": 1.0},
 }
 
 
@@ -252,9 +253,13 @@ def depth_eval_set(split_dir: str, limit: int) -> list[tuple[np.ndarray, np.ndar
     return pairs
 
 
-def knobs(pipe, scene: Scene, repeat: int, eval_data: str | None, eval_images: int) -> dict:
-    """Each knob against the reference (the checkpoint's depth settings), in the same run."""
-    reference = pipe.settings("depth")
+def knobs(pipe, scene: Scene, repeat: int, eval_data: str | None, eval_images: int,
+          reference_overrides: dict | None = None) -> dict:
+    """Each knob against the reference (the checkpoint's depth settings, with `reference_overrides`
+    on top, e.g. COOPER's evaluation settings for a checkpoint whose default is one step), in the
+    same run."""
+    reference_overrides = dict(reference_overrides or {})
+    reference = pipe.settings("depth", **reference_overrides)
     samples = None
     if eval_data:
         samples = depth_eval_set(eval_data, eval_images)
@@ -262,7 +267,8 @@ def knobs(pipe, scene: Scene, repeat: int, eval_data: str | None, eval_images: i
     ref_map = None
     every = {}
     for name, knob in KNOBS.items():
-        settings = {k: (max(2, (reference.num_steps + 1) // 2) if v == "half" else v) for k, v in knob.items()}
+        settings = {**reference_overrides,
+                    **{k: (max(2, (reference.num_steps + 1) // 2) if v == "half" else v) for k, v in knob.items()}}
         out = scene.depth(pipe, **settings)
         row = {"settings": settings, "forward_passes": pipe.inferencer.last_denoise["forward_passes"],
                "cached_steps": pipe.inferencer.last_denoise["cached_steps"]}
@@ -332,6 +338,8 @@ def main(argv=None):
     parser.add_argument("--knobs", action="store_true", help="time the sampling knobs against the reference")
     parser.add_argument("--eval-data", default=None, help="with --knobs: a synthetic split for AbsRel / delta1")
     parser.add_argument("--eval-images", type=int, default=8)
+    parser.add_argument("--knob-reference", default=None,
+                        help='with --knobs: JSON settings of the reference, e.g. \'{"num_steps": 9, "cfg_text_scale": 3.0}\'')
     parser.add_argument("--memory-plans", default=None, help="comma-separated plans, e.g. none,int8,fp8,maps")
     parser.add_argument("--no-stages", action="store_true", help="skip ViT/VAE/prefill/text timings")
     parser.add_argument("--text-tokens", type=int, default=32)
@@ -369,7 +377,8 @@ def main(argv=None):
     results.update(backends(pipe, scene, names, args.repeat, args.steps, options, peak))
     results.update(results["backends"].get("eager", {}))  # the reference figures at the top level too
     if args.knobs:
-        results["knobs"] = knobs(pipe, scene, args.repeat, args.eval_data, args.eval_images)
+        results["knobs"] = knobs(pipe, scene, args.repeat, args.eval_data, args.eval_images,
+                                 json.loads(args.knob_reference) if args.knob_reference else None)
     if args.memory_plans:
         del pipe
         gc.collect()

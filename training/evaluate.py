@@ -28,7 +28,7 @@ from cooper_model import image_processor as ip
 from cooper_model.alignment import depth_metrics
 from cooper_model.codecs import DepthCodec, colorize_depth
 from cooper_model.inference import decode_depth01
-from cooper_model.pipeline import CooperPipeline
+from cooper_model.pipeline import TASK_DEFAULTS, CooperPipeline
 
 NYU_CROP = (slice(45, 471), slice(41, 601))  # upstream's NYUv2 evaluation crop
 MODES = ("direct", "perception", "text", "interleave")
@@ -152,6 +152,10 @@ def evaluate_steps(pipe, samples, base: dict, depth_range, steps=(2, 3, 5, 9, 17
             settings = dict(base, num_steps=n)
             if not cfg:
                 settings["cfg_text_scale"] = 1.0
+            elif pipe.settings("depth", **settings).cfg_text_scale <= 1.0:
+                # a checkpoint whose default is no CFG: "on" means COOPER's evaluation scales
+                settings.update(cfg_text_scale=TASK_DEFAULTS["depth"]["cfg_text_scale"],
+                                cfg_img_scale=TASK_DEFAULTS["depth"]["cfg_img_scale"])
             r = evaluate_maps(pipe, samples, settings, depth_range, desc=f"steps={n} cfg={cfg}", segment=False)
             rows.append({"num_steps": n, "model_evaluations": n - 1, "cfg": cfg,
                          **{f"aligned_{k}": v for k, v in r["depth_aligned"].items()},
@@ -321,7 +325,8 @@ def main(argv=None):
         plot_steps(report["steps"], out / "steps.png")
     if args.qa_questions:
         report["qa"] = evaluate_qa(pipe, data, args.qa_questions, settings)
-    save_examples(examples, out / "examples.png", depth_range)
+    if examples:
+        save_examples(examples, out / "examples.png", depth_range)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
     print(markdown(report))

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# The recipe for the small checkpoint, end to end, on a 2-core CPU. Run state goes to runs/
-# (git-ignored); every step is resumable: rerun the script after an interruption. Status: a first
-# run stopped at STAGE1_STEPS=700 (5,600 examples) had learned the scene prior but not yet
-# image-conditioned maps (aligned AbsRel 0.23, mIoU 0.07 on the test split), so the bundled
-# checkpoint is still the random one; the targets need far more steps (see training/README.md).
+# The recipe for the bundled small checkpoint (cooper_model/checkpoints/cooper-small), end to end,
+# on a 2-core CPU. Run state goes to runs/ (git-ignored); every step is resumable: rerun the script
+# after an interruption. Model card with the figures of the shipped run:
+# cooper_model/checkpoints/cooper-small/README.md.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 source scripts/env.sh
@@ -13,7 +12,17 @@ python -m training.data.synth --out runs/data --num-scenes 60 --views-per-scene 
 # 2. tokenizer (byte-level BPE on the project's text) and autoencoder (RGB, depth and segmentation images)
 python -m training.tokenizer --data runs/data/train --out runs/tokenizer
 [ -f runs/ae/ae_report.json ] || python -m training.autoencoder --data runs/data/train --out runs/ae --steps 1200 --batch 6 --crop 96 --threads 2
-# 3. stage 1 (auxiliary modality generation); writes the EMA weights to runs/stage1/export
-python -m training.stage1 --config training/configs/stage1_small.yaml total_steps="${STAGE1_STEPS:-1800}"
-# 4. evaluation on the held-out test split
-python -m training.evaluate --checkpoint runs/stage1/export --data runs/data/test --out runs/eval --threads 2
+# 3. stage 1 (auxiliary modality generation), phase 1: the editing objective at logit-normal t,
+#    from random weights; writes the EMA weights to runs/stage1/export
+python -m training.stage1 --config training/configs/stage1_small.yaml total_steps=700
+# 4. stage 1, phase 2: from phase 1's EMA, 3 of 4 examples at t = 1 (the one-step sampler, E2E-FT)
+python -m training.stage1 --config training/configs/stage1_small_onestep.yaml
+# 5. ship: bf16 network, one-step sampling without CFG as the checkpoint's default
+python -m training.export --checkpoint runs/stage1_onestep/export --out cooper_model/checkpoints/cooper-small \
+    --dtype bfloat16 --defaults '{"num_steps": 2, "cfg_text_scale": 1.0, "cfg_img_scale": 1.0}'
+# 6. evaluation on the held-out test split, and the speed / knobs benchmark at 256x256
+python -m training.evaluate --checkpoint cooper_model/checkpoints/cooper-small --data runs/data/test \
+    --out runs/eval_ship --threads 2 --qa-questions 20
+python -m cooper_model.bench --size 256 --steps 2 --backends eager,compile,onnxruntime --repeat 5 --knobs \
+    --knob-reference '{"num_steps": 9, "cfg_text_scale": 3.0, "cfg_img_scale": 1.5}' \
+    --eval-data runs/data/test --eval-images 16 --json-out runs/bench_ship.json
