@@ -124,7 +124,10 @@ def test_released_checkpoint_is_relative_without_palette(rgb):
 def test_depth_kind_is_declared_and_checked(tmp_path):
     assert preset("cooper-small").depth_kind == "metric"
     assert preset("bagel-7b").depth_kind == "relative"
-    assert json.loads((BUNDLED_CHECKPOINT / "cooper_config.json").read_text())["depth_kind"] == "metric"
+    bundled = json.loads((BUNDLED_CHECKPOINT / "cooper_config.json").read_text())
+    assert bundled["depth_kind"] == "metric"
+    # a trained project checkpoint names its stages (None would claim a released, fully trained one)
+    assert not bundled.get("trained", True) or bundled["trained_stages"] is not None
     config = preset("cooper-small")
     config.save_pretrained(tmp_path)
     assert CooperConfig.from_pretrained(tmp_path).depth_kind == "metric"
