@@ -29,6 +29,7 @@ from cooper_model.alignment import depth_metrics
 from cooper_model.codecs import DepthCodec, colorize_depth
 from cooper_model.inference import decode_depth01
 from cooper_model.pipeline import TASK_DEFAULTS, CooperPipeline
+from training.stage1_data import depth_target, segmentation_target
 
 NYU_CROP = (slice(45, 471), slice(41, 601))  # upstream's NYUv2 evaluation crop
 MODES = ("direct", "perception", "text", "interleave")
@@ -123,17 +124,15 @@ def autoencoder_ceiling(pipe: CooperPipeline, samples, depth_range, max_images=N
         h, w = s.rgb.shape[:2]
         size = ip.target_size(w, h, pipe.config.vae_transform)
         if s.depth is not None:
-            # the training target exactly (training.stage1_data): float, not an 8-bit image
-            unit = np.asarray(Image.fromarray(codec.normalize(s.depth)).resize(size, Image.BILINEAR))
-            target = torch.from_numpy(np.clip(unit, 0, 1)).float()[None].repeat(3, 1, 1).mul(2).sub(1)
+            target = depth_target(s.depth, size, codec)   # the training target, in float
             rel = torch.nn.functional.interpolate(decode_depth01(round_trip(target))[None, None], size=(h, w),
                                                   mode="bilinear", align_corners=False)[0, 0].clamp(0, 1).numpy()
             aligned.append(depth_metrics(rel, s.depth, depth_range, align=True))
         if s.class_map is not None and palette is not None:
             gt = s.class_map.astype(np.int64)
             ok = (gt >= 0) & (gt < num_classes)
-            colours = Image.fromarray(palette[np.where(ok, gt, 0)]).resize(size, Image.NEAREST)
-            raw = np.asarray(Image.fromarray(ip.to_uint8(round_trip(ip.to_tensor(colours)))).resize((w, h), Image.NEAREST))
+            target = segmentation_target(np.where(ok, gt, 0), size, palette)
+            raw = np.asarray(Image.fromarray(ip.to_uint8(round_trip(target))).resize((w, h), Image.NEAREST))
             labels = pipe.segmentation_codec.decode(raw).astype(np.int64)
             confusion += np.bincount(gt[ok] * num_classes + labels[ok],
                                      minlength=num_classes**2).reshape(num_classes, num_classes)

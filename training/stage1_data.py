@@ -23,6 +23,20 @@ from cooper_model.codecs import DepthCodec
 from cooper_model.config import ImageTransformConfig
 
 
+def depth_target(metres: np.ndarray, size: tuple[int, int], codec: DepthCodec) -> torch.Tensor:
+    """Metres (NaN invalid) -> the float target image [3, H, W] in [-1, 1] at `size` (W, H)."""
+    unit = codec.normalize(metres)
+    unit = np.asarray(Image.fromarray(unit.astype(np.float32)).resize(size, Image.BILINEAR))
+    return torch.from_numpy(np.clip(unit, 0, 1)).float()[None].repeat(3, 1, 1).mul(2).sub(1)
+
+
+def segmentation_target(labels: np.ndarray, size: tuple[int, int], palette: np.ndarray) -> torch.Tensor:
+    """Class ids -> the palette image [3, H, W] in [-1, 1] at `size`; nearest resize, so no colour
+    ever lies between two classes."""
+    labels = np.asarray(Image.fromarray(np.asarray(labels).astype(np.int32)).resize(size, Image.NEAREST))
+    return ip.to_tensor(Image.fromarray(palette[labels]))
+
+
 @dataclass
 class Stage1Example:
     index: int
@@ -70,14 +84,12 @@ class Stage1Dataset:
             raw = np.asarray(Image.open(self.root / row["depth_image"])).astype(np.float32)
             metres = np.where(raw > 0, raw / float(row.get("depth_scale", 1000.0)), np.nan).astype(np.float32)
             depth_m = np.asarray(Image.fromarray(metres).resize(size, Image.NEAREST))
-            unit = self.depth_codec.normalize(metres)
-            unit = np.asarray(Image.fromarray(unit.astype(np.float32)).resize(size, Image.BILINEAR))
-            target = torch.from_numpy(np.clip(unit, 0, 1)).float()[None].repeat(3, 1, 1).mul(2).sub(1)
+            target = depth_target(metres, size, self.depth_codec)
         elif row["task"] == "segmentation":
             labels = np.asarray(Image.open(self.root / row["label_image"]).resize(size, Image.NEAREST)).astype(np.int64)
             if labels.max() >= len(self.palette):
                 raise ValueError(f"{row['label_image']}: class {labels.max()} beyond the {len(self.palette)}-colour palette")
-            target = ip.to_tensor(Image.fromarray(self.palette[labels]))
+            target = segmentation_target(labels, size, self.palette)
         else:
             raise ValueError(f"unknown stage-1 task {row['task']!r}")
         if flip:

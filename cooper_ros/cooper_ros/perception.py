@@ -59,6 +59,7 @@ class Perception:
         self._taken = 0                # seq of the last frame a step took
         self._pending_seg: tuple | None = None   # (frame, rgb, want, overhead s) for its 2nd step
         self._last_start = -1e9
+        self._min_start_gap = float("inf")   # shortest time between two perception starts (rate limit)
         self.camera_infos = StampBuffer(60)
         self.sparse = StampBuffer(30)
 
@@ -113,8 +114,11 @@ class Perception:
         if not want:
             self.node.stats.inc("frames_idle")
             return
-        self._last_start = time.monotonic()
-        stats = self.node.stats
+        now, stats = time.monotonic(), self.node.stats
+        if now - self._last_start < self._min_start_gap:
+            self._min_start_gap = now - self._last_start
+            stats.set_info(perception_min_start_interval_s=f"{self._min_start_gap:.4f}")
+        self._last_start = now
         stats.raise_to("frames_behind_max", newest - frame.seq)
         header = frame.msg.header
         max_age = s["input.max_image_age_s"]
