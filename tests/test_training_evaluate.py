@@ -43,6 +43,34 @@ def test_evaluate_end_to_end_writes_json_markdown_and_plots(tmp_path):
     assert set(synth["depth_aligned"]) == {"absrel", "delta1", "rmse"}
     assert 0.0 <= synth["segmentation_miou"] <= 1.0
     assert [r["num_steps"] for r in report["steps"]] == [2, 3, 2, 3]
-    assert set(report["qa"]) == {"direct", "perception", "text", "interleave"}
+    assert set(report["qa"]["modes"]) == {"direct", "perception", "text", "interleave"}
+    assert "## Spatial QA accuracy" in (tmp_path / "report.md").read_text()
     for name in ("report.md", "steps.png", "examples.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_qa_sample_covers_every_category_and_form_and_reads_the_blind_floor(tmp_path):
+    import json
+
+    from training.evaluate import blind_floor, form_group, pick_questions
+
+    qs = ([{"qid": f"a{i}", "category": "closer", "form": "choice"} for i in range(50)]
+          + [{"qid": f"b{i}", "category": "counting", "form": "numeric"} for i in range(3)]
+          + [{"qid": f"c{i}", "category": "counting", "form": "yesno"} for i in range(5)])
+    picked = pick_questions(qs, 9)
+    groups = [(q["category"], form_group(q)) for q in picked]
+    # a rare group is not crowded out by a common one: 3 / 3 / 3, not the split's 50 : 3 : 5
+    assert len(picked) == 9 and len({q["qid"] for q in picked}) == 9
+    assert sorted(set(groups)) == [("closer", "choice"), ("counting", "choice"), ("counting", "numeric")]
+    assert all(groups.count(g) == 3 for g in set(groups))
+    assert pick_questions(qs, 9) == picked  # seeded
+    assert len(pick_questions(qs, 1000)) == len(qs)
+    card = {"blind_baselines": {"choice": {
+        "letter prior": {"closer": {"accuracy": 0.55, "chance": 0.5}},
+        "bag of words": {"closer": {"accuracy": 0.52, "chance": 0.5}}},
+        "numeric": {"class prior": {"counting": {"accuracy": 0.9}}}}}
+    (tmp_path / "card.json").write_text(json.dumps(card))
+    floor = blind_floor(tmp_path)
+    assert floor["closer"] == {"chance": 0.5, "best_blind_choice": 0.55, "best_blind_choice_name": "letter prior"}
+    assert floor["counting"]["best_blind_numeric"] == 0.9
+    assert blind_floor(tmp_path / "missing") == {}

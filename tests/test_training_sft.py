@@ -22,6 +22,7 @@ from cooper_model.packing import forward_packed
 from cooper_model.reasoning import Reasoner, TextSettings
 from cooper_model.tokenizer import byte_level_tokenizer
 from training import sft
+from training.data.questions import score
 from training.sft import InterleavedSequenceBuilder, Item, read_rows, row_items
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +95,7 @@ def tiny():
     return load_model(TINY), load_autoencoder(TINY), byte_level_tokenizer()
 
 
-def run_reasoner(tiny, row: dict):
+def run_reasoner(tiny, row: dict, mode: str = "interleave"):
     model, vae, tok = tiny
     items = row_items(row)
     turns = [i.value for i in items if i.loss]
@@ -102,7 +103,7 @@ def run_reasoner(tiny, row: dict):
     image = next(i.value for i in items if i.kind == "image")
     question = next(i.value for i in items if i.kind == "text")
     reasoner = Reasoner(inf, ImageGenerationSettings(num_steps=2), TextSettings(), torch.Generator().manual_seed(1))
-    result = reasoner.run(np.asarray(image), question, "interleave", max_turns=3)
+    result = reasoner.run(np.asarray(image), question, mode, max_turns=3)
     assert result.turns == turns and not inf.turns
     main = inf.generated[0][0]
     assert all(g[0] == main for g in inf.generated)
@@ -140,6 +141,25 @@ def test_packed_sequence_is_the_reasoners_context(tiny, tool):
         torch.testing.assert_close(logits[a:b], expected, atol=2e-5, rtol=1e-4)
 
 
+def test_direct_rows_are_the_direct_modes_context(tiny):
+    rows = sft.direct_rows(SAMPLE, 3, seed=0)
+    questions = {json.loads(line)["qid"]: json.loads(line) for line in open(SAMPLE / "questions.jsonl")}
+    for row in rows:
+        q = questions[row["data_id"].removeprefix("direct_")]
+        inf, result, ops, items = run_reasoner(tiny, row, mode="direct")
+        assert sft.row_mode(row) == "direct" and result.tools_used == []
+        # the judge accepts the trained answer as the direct mode reads it back
+        assert score(q, result.answer)
+        seq, spans = InterleavedSequenceBuilder(inf).build(items, lambda pixels, k: pytest.fail("no VAE in direct"),
+                                                           mode="direct")
+        assert packed_splits(seq) == [op[:3] for op in ops]
+        assert "latent" not in str(packed_splits(seq)) and seq.label_ids[spans[0][0]:spans[0][1]] == inf.generated[0][2][1:]
+    with pytest.raises(ValueError, match="has"):
+        sft.direct_rows(SAMPLE, 10**6, seed=0)
+    with pytest.raises(ValueError, match="mode 'perception'"):
+        sft.row_mode({**rows[0], "mode": "perception"})
+
+
 def test_upstream_map_vae_option_adds_a_vae_copy_of_each_map(tiny):
     model, vae, tok = tiny
     row = next(r for r in read_rows(SAMPLE) if r["tool"] == "depth")
@@ -156,8 +176,10 @@ def test_malformed_rows_are_clear_errors():
         row_items({**good, "interleaved_reason": [{"type": "image", "value": "%%%"}] + good["interleaved_reason"][1:]})
     with pytest.raises(ValueError, match="nothing to train on"):
         row_items({**good, "interleaved_reason": [dict(e, need_loss="false") for e in good["interleaved_reason"]]})
-    with pytest.raises(ValueError, match="type must be text or image"):
+    with pytest.raises(ValueError, match="type must be text, or image"):
         row_items({"data_id": "x", "interleaved_reason": [{"type": "video", "value": ""}]})
+    with pytest.raises(ValueError, match="cannot read image"):
+        row_items({**good, "interleaved_reason": [{"type": "image", "path": "/nonexistent.png"}] + good["interleaved_reason"][1:]})
 
 
 def test_sft_smoke_trains_and_exports_a_loadable_checkpoint(tmp_path):
@@ -168,7 +190,7 @@ def test_sft_smoke_trains_and_exports_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "sft"
     sft.main([f"output_dir={out}", f"init_from={TINY}", f"tokenizer={tok_dir}", f"data_dir={SAMPLE}", "total_steps=3",
               "batch_size=2", "save_every=3", "log_every=1", "threads=1", "lr=0.003", "warmup_steps=1", "ema=0.5",
-              "freeze_vit=false", "max_tokens_per_pack=100000", f"export_dir={out / 'export'}"])
+              "freeze_vit=false", "direct_rows=2", "freeze_generation=true", "max_tokens_per_pack=100000", f"export_dir={out / 'export'}"])
     rows = np.genfromtxt(out / "log.csv", delimiter=",", names=True)
     assert len(rows) == 3 and np.isfinite(rows["loss"]).all() and (rows["tokens"] > 2000).all()
     assert (out / "checkpoints" / "step_0000003").is_dir()
@@ -183,3 +205,7 @@ def test_sft_smoke_trains_and_exports_a_loadable_checkpoint(tmp_path):
     init, ema = load_file(str(TINY / "ema.safetensors")), load_file(str(out / "export" / "ema.safetensors"))
     key = "language_model.model.layers.0.self_attn.q_proj.weight"
     assert float((init[key].float() - ema[key].float()).abs().max()) > 0
+    # freeze_generation kept the generation expert as it was: the maps stay stage 1's
+    for frozen in ("language_model.model.layers.0.mlp_moe_gen.gate_proj.weight", "time_embedder.mlp.0.weight",
+                   "vae2llm.weight"):
+        assert torch.equal(init[frozen], ema[frozen]), frozen

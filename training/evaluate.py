@@ -162,26 +162,74 @@ def evaluate_steps(pipe, samples, base: dict, depth_range, steps=(2, 3, 5, 9, 17
     return rows
 
 
-def evaluate_qa(pipe, data_dir: Path, max_per_mode: int, settings: dict) -> dict:
+def form_group(q: dict) -> str:
+    """Multiple choice and yes/no share a chance level; numeric answers are scored by tolerance."""
+    return "numeric" if q["form"] == "numeric" else "choice"
+
+
+def pick_questions(questions: list[dict], count: int, seed: int = 0) -> list[dict]:
+    """`count` questions spread evenly over (category, form group), seeded: every category is
+    measured, rather than the split's mix deciding which ones a small sample sees."""
+    rng = np.random.default_rng(seed)
+    groups = defaultdict(list)
+    for q in questions:
+        groups[(q["category"], form_group(q))].append(q)
+    keys = sorted(groups)
+    for k in keys:
+        groups[k] = [groups[k][i] for i in rng.permutation(len(groups[k]))]
+    picked, rank = [], 0
+    while len(picked) < count and any(rank < len(groups[k]) for k in keys):
+        picked += [groups[k][rank] for k in keys if rank < len(groups[k])][: count - len(picked)]
+        rank += 1
+    return picked
+
+
+def blind_floor(data_dir: Path) -> dict:
+    """Per category, from the split's card (`python -m training.data.baselines --card`): chance and
+    the best blind baseline on multiple choice / yes-no, and the class prior on numeric answers."""
+    card = data_dir / "card.json"
+    blind = json.loads(card.read_text()).get("blind_baselines") if card.is_file() else None
+    if not blind:
+        return {}
+    out = defaultdict(dict)
+    for name, per_cat in blind.get("choice", {}).items():
+        for cat, r in per_cat.items():
+            out[cat]["chance"] = r["chance"]
+            if r["accuracy"] > out[cat].get("best_blind_choice", -1):
+                out[cat].update(best_blind_choice=r["accuracy"], best_blind_choice_name=name)
+    for name, per_cat in blind.get("numeric", {}).items():
+        for cat, r in per_cat.items():
+            if r["accuracy"] > out[cat].get("best_blind_numeric", -1):
+                out[cat].update(best_blind_numeric=r["accuracy"], best_blind_numeric_name=name)
+    return dict(out)
+
+
+def evaluate_qa(pipe, data_dir: Path, count: int, settings: dict) -> dict:
     from training.data.questions import score
 
     questions = [json.loads(line) for line in open(data_dir / "questions.jsonl")]
-    rng = np.random.default_rng(0)
-    picked = [questions[i] for i in sorted(rng.permutation(len(questions))[:max_per_mode])]
+    picked = pick_questions(questions, count)
     out = {}
     for mode in MODES:
-        per_cat, tools = defaultdict(list), defaultdict(lambda: defaultdict(int))
+        correct, tools = defaultdict(list), defaultdict(lambda: defaultdict(int))
         for q in tqdm(picked, desc=f"qa {mode}", leave=False):
             rgb = np.asarray(Image.open(data_dir / q["image"]).convert("RGB"))
             ans = pipe.ask(rgb, q["question"], mode=mode, **settings)
-            per_cat[q["category"]].append(bool(score(q, ans.answer)))
-            for t in ans.tools_used:
+            correct[(q["category"], form_group(q))].append(bool(score(q, ans.answer)))
+            for t in set(ans.tools_used):
                 tools[q["category"]][t] += 1
+        per_cat = defaultdict(list)
+        for (cat, _), v in correct.items():
+            per_cat[cat] += v
         out[mode] = {"accuracy": float(np.mean([v for vals in per_cat.values() for v in vals])),
                      "per_category": {k: float(np.mean(v)) for k, v in sorted(per_cat.items())},
+                     "per_category_form": {f"{c}/{f}": float(np.mean(v)) for (c, f), v in sorted(correct.items())},
+                     "questions_per_category_form": {f"{c}/{f}": len(v) for (c, f), v in sorted(correct.items())},
                      "questions_per_category": {k: len(v) for k, v in sorted(per_cat.items())},
-                     "tool_calls_per_category": {k: dict(v) for k, v in tools.items()}}
-    return out
+                     # share of the category's questions whose answer called each tool at least once
+                     "tool_call_rate_per_category": {c: {t: n / len(per_cat[c]) for t, n in sorted(v.items())}
+                                                     for c, v in sorted(tools.items())}}
+    return {"modes": out, "blind": blind_floor(data_dir)}
 
 
 # Report ---------------------------------------------------------------------------------------------
@@ -267,16 +315,40 @@ def markdown(report: dict) -> str:
                          f"| {r.get('aligned_delta1', float('nan')):.4f} | {r['seconds_per_map']:.3f} |")
         lines += ["", "![steps](steps.png)", ""]
     if report.get("qa"):
-        cats = sorted({c for m in report["qa"].values() for c in m["per_category"]})
-        lines += ["## Spatial QA accuracy", "", "| category | " + " | ".join(report["qa"]) + " |",
-                  "|---|" + "---|" * len(report["qa"])]
-        for c in cats:
-            lines.append(f"| {c} | " + " | ".join(f"{m['per_category'].get(c, float('nan')):.2f}"
-                                                  for m in report["qa"].values()) + " |")
-        lines.append("| **all** | " + " | ".join(f"{m['accuracy']:.3f}" for m in report["qa"].values()) + " |")
-        lines.append("")
+        lines += qa_markdown(report["qa"])
     lines += ["## Examples", "", "![examples](examples.png)", ""]
     return "\n".join(lines)
+
+
+def qa_markdown(qa: dict) -> list[str]:
+    modes, blind = qa["modes"], qa.get("blind", {})
+    keys = sorted({k for m in modes.values() for k in m["per_category_form"]})
+    n = next(iter(modes.values()))["questions_per_category_form"]
+    lines = ["## Spatial QA accuracy", "",
+             "Per category and answer form (choice: multiple choice and yes/no; numeric: within the tolerance). "
+             "Blind floor: the best baseline that sees only the question text and options, on the whole split "
+             "(`training.data.baselines`); chance applies to choice questions.", "",
+             "| category / form | n | " + " | ".join(modes) + " | chance | best blind |", "|---|---|" + "---|" * (len(modes) + 2)]
+    for k in keys:
+        cat, form = k.split("/")
+        b = blind.get(cat, {})
+        floor = b.get("best_blind_choice") if form == "choice" else b.get("best_blind_numeric")
+        chance = b.get("chance") if form == "choice" else None
+        fmt = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
+        lines.append(f"| {k} | {n.get(k, 0)} | " + " | ".join(fmt(m["per_category_form"].get(k)) for m in modes.values())
+                     + f" | {fmt(chance)} | {fmt(floor)} |")
+    lines.append("| **all** | " + str(sum(n.values())) + " | " + " | ".join(f"{m['accuracy']:.3f}" for m in modes.values()) + " | | |")
+    lines += ["", "Tool calls: share of each category's questions whose answer generated the map.", "",
+              "| category | " + " | ".join(f"{m} depth | {m} seg" for m in modes if m in ("interleave", "perception")) + " |",
+              "|---|" + "---|---|" * sum(m in ("interleave", "perception") for m in modes)]
+    for cat in sorted({k.split("/")[0] for k in keys}):
+        cells = []
+        for name, m in modes.items():
+            if name in ("interleave", "perception"):
+                rate = m["tool_call_rate_per_category"].get(cat, {})
+                cells += [f"{rate.get('depth', 0.0):.2f}", f"{rate.get('segmentation', 0.0):.2f}"]
+        lines.append(f"| {cat} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def main(argv=None):
@@ -291,7 +363,8 @@ def main(argv=None):
     parser.add_argument("--cfg-text-scale", type=float, default=None)
     parser.add_argument("--steps-sweep", default="2,3,5,9,17", help="num_steps values ('' to skip)")
     parser.add_argument("--steps-images", type=int, default=16)
-    parser.add_argument("--qa-questions", type=int, default=40, help="questions per mode (0 to skip)")
+    parser.add_argument("--qa-questions", type=int, default=40,
+                        help="questions per mode, spread evenly over category and answer form (0 to skip)")
     parser.add_argument("--nyuv2", default=None, help="nyu_depth_v2_labeled.mat")
     parser.add_argument("--ade20k", default=None, help="ADEChallengeData2016 directory (validation split)")
     parser.add_argument("--threads", type=int, default=0)

@@ -61,6 +61,7 @@ DEFAULTS = dict(
     autoencoder=None,
     tokenizer=None,
     freeze_vit=True,
+    freeze_generation=False,  # as SFT: freeze the generation expert, so rollouts draw stage 1's maps
     dtype="float32",
     # rollouts (upstream: 8 generations, temperature 1, top-p 1, 4096 tokens a turn, 3 turns, 30 steps)
     num_generations=8,

@@ -17,6 +17,12 @@ positions, attention splits and logits against the Reasoner's own contexts. Upst
 dataset (`interleave_reason.py`) gives the fed-back maps VAE and ViT copies while its inference
 loop feeds them back as ViT only; `map_vae: true` reproduces upstream's training sequence, the
 default trains on what inference shows. `InterleavedSequenceBuilder` is shared with GRPO.
+
+A row may name another mode of the loop (`"mode": "direct"` or `"text"`); its sequence is then that
+mode's context (no system prompt or the thinking one; the input image as ViT patches only).
+`direct_rows: N` mixes N direct question-answer rows, drawn from the split's `questions.jsonl`, into
+the traces: the small model has no pretrained VQA ability, which BAGEL brings to COOPER's SFT and
+which its `direct` baseline measures, so the recipe trains it here.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -49,11 +56,21 @@ DEFAULTS = dict(
     autoencoder=None,  # default: init_from's
     tokenizer=None,  # default: init_from's
     freeze_vit=True,  # upstream freezes the ViT (and the autoencoder, always frozen here)
+    freeze_generation=False,  # freeze the generation expert (*_moe_gen, time embedder, vae2llm); maps still see the context through the understanding expert
     map_vae=False,  # also give fed-back maps a VAE copy (upstream's SFT sequence; not what inference does)
     export_dir=None,
     export_weights="ema",  # ema | live: which weights export_dir receives
     dtype="float32",
+    direct_rows=0,  # direct question-answer rows from questions.jsonl mixed into the traces (base VQA)
 )
+
+# What a mode's context holds before the question: its system prompt, and whether the input image
+# also enters as VAE latents (as `Reasoner._prefix` builds it).
+SEQUENCE_MODES = {
+    "interleave": (prompts.INTERLEAVE_REASON_SYSTEM_PROMPT, True),
+    "text": (prompts.VLM_THINK_SYSTEM_PROMPT, False),
+    "direct": (None, False),
+}
 
 
 # ---- the interleaved sequence ------------------------------------------------------------------------
@@ -67,6 +84,13 @@ class Item:
     value: object  # str, or an image (PIL or uint8 HxWx3)
     loss: bool = False  # text the model generated: a training target
     eos_label: bool = True  # whether <|im_end|> is a target too (not for a turn cut at the token limit)
+
+
+def row_mode(row: dict) -> str:
+    mode = row.get("mode", "interleave")
+    if mode not in SEQUENCE_MODES:
+        raise ValueError(f"SFT row {row.get('data_id', '?')}: mode {mode!r} is not one of {sorted(SEQUENCE_MODES)}")
+    return mode
 
 
 def decode_image(value: str) -> Image.Image:
@@ -88,13 +112,18 @@ def row_items(row: dict) -> list[Item]:
         loss = need_loss is True or str(need_loss).lower() == "true"
         if kind == "text" and isinstance(value, str):
             items.append(Item("text", value, loss=loss))
+        elif kind == "image" and isinstance(entry.get("path"), str):
+            try:
+                items.append(Item("image", Image.open(entry["path"]).convert("RGB")))
+            except OSError as e:
+                raise ValueError(f"SFT row {name}, item {k}: cannot read image {entry['path']} ({e})") from e
         elif kind == "image" and isinstance(value, str):
             try:
                 items.append(Item("image", decode_image(value)))
             except Exception as e:
                 raise ValueError(f"SFT row {name}, item {k}: not a base64 image ({e})") from e
         else:
-            raise ValueError(f"SFT row {name}, item {k}: type must be text or image with a string value")
+            raise ValueError(f"SFT row {name}, item {k}: type must be text, or image with a base64 value or a path")
     if not any(i.kind == "image" for i in items):
         raise ValueError(f"SFT row {name}: no input image")
     if not any(i.loss for i in items):
@@ -103,15 +132,13 @@ def row_items(row: dict) -> list[Item]:
 
 
 class InterleavedSequenceBuilder:
-    """Packs a conversation as `Reasoner._interleave` puts it into its main context. The first
-    image is the input (VAE latents, then ViT patches of the VAE-sized image, as
-    `Inferencer.add_image`); later images are fed-back maps (ViT only unless `map_vae`), resized
-    to the VAE size first as `Reasoner._feed_back` does."""
+    """Packs a conversation as the `Reasoner` puts it into its main context (mode `interleave` by
+    default). The first image is the input (VAE latents in `interleave`, then ViT patches of the
+    VAE-sized image, as `Inferencer.add_image`); later images are fed-back maps (ViT only unless
+    `map_vae`), resized to the VAE size first as `Reasoner._feed_back` does."""
 
-    def __init__(self, inferencer: Inferencer, system_prompt: str | None = prompts.INTERLEAVE_REASON_SYSTEM_PROMPT,
-                 map_vae: bool = False, transforms=(None, None)):
+    def __init__(self, inferencer: Inferencer, map_vae: bool = False, transforms=(None, None)):
         self.inf = inferencer
-        self.system_prompt = system_prompt
         self.map_vae = map_vae
         ctx = inferencer.new_context(*transforms)
         self.vae_transform, self.vit_transform = ctx.vae_transform, ctx.vit_transform
@@ -124,14 +151,15 @@ class InterleavedSequenceBuilder:
             self._ids[text] = self.inf.encode_text(text)
         return self._ids[text]
 
-    def build(self, items: list[Item], latent_fn) -> tuple[PackedSequence, list[tuple[int, int]]]:
+    def build(self, items: list[Item], latent_fn, mode: str = "interleave") -> tuple[PackedSequence, list[tuple[int, int]]]:
         """`latent_fn(pixels, k)` gives the scaled VAE latent [C, h, w] of item k's pixels [3, H, W]
         in [-1, 1]. Returns the sequence and, per loss text item, its slice of `seq.label_ids`."""
         c = self.inf.config
+        system_prompt, input_vae = SEQUENCE_MODES[mode]
         seq = PackedSequence(self.inf.tokens)
         spans = []
-        if self.system_prompt is not None:
-            seq.add_text(self.ids(self.system_prompt))
+        if system_prompt is not None:
+            seq.add_text(self.ids(system_prompt))
         seen_image = False
         for k, item in enumerate(items):
             if item.kind == "text":
@@ -144,7 +172,7 @@ class InterleavedSequenceBuilder:
                     spans.append((start, len(seq.label_ids)))
                 continue
             image = ip.resize(ip.as_pil_rgb(item.value), self.vae_transform)
-            if not seen_image or self.map_vae:
+            if (input_vae and not seen_image) or (seen_image and self.map_vae):
                 latent = latent_fn(ip.to_tensor(image), k)
                 p = c.latent_patch_size
                 latent = latent[:, : latent.shape[1] // p * p, : latent.shape[2] // p * p]
@@ -187,8 +215,9 @@ class SFTBatches:
 
     def example(self, index: int, step: int) -> PackedSequence:
         g = torch_generator(example_rng(self.cfg.seed, step, index))
-        items = row_items(self.rows[index])
-        seq, _ = self.builder.build(items, lambda pixels, k: self.cache.sample((index, k), pixels, g))
+        row = self.rows[index]
+        seq, _ = self.builder.build(row_items(row), lambda pixels, k: self.cache.sample((index, k), pixels, g),
+                                    mode=row_mode(row))
         return seq
 
     def __call__(self, indices: list[int], step: int):
@@ -206,6 +235,27 @@ class SFTBatches:
         return packs, count
 
 
+def direct_rows(data_dir: str | Path, count: int, seed: int) -> list[dict]:
+    """`count` questions of the split as direct-mode rows (image, question, the answer as the
+    judge reads it), drawn without replacement in a seeded order."""
+    from training.data.questions import answer_text
+
+    data_dir = Path(data_dir)
+    path = data_dir / "questions.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: direct_rows needs the split's questions")
+    with open(path) as f:
+        questions = [json.loads(line) for line in f if line.strip()]
+    if count > len(questions):
+        raise ValueError(f"direct_rows={count}, but {path} has {len(questions)} questions")
+    order = np.random.default_rng(seed).permutation(len(questions))[:count]
+    return [{"data_id": f"direct_{q['qid']}", "mode": "direct", "category": q["category"], "tool": None,
+             "interleaved_reason": [{"type": "image", "path": str(data_dir / q["image"])},
+                                    {"type": "text", "value": q["question"]},
+                                    {"type": "text", "value": answer_text(q), "need_loss": "true"}]}
+            for q in (questions[i] for i in sorted(order))]
+
+
 def load_stage2(x: dict):
     """Model, autoencoder and tokenizer of a stage-2 run, with the frozen parts frozen."""
     if not x["init_from"]:
@@ -219,6 +269,12 @@ def load_stage2(x: dict):
     vae.eval()
     if x["freeze_vit"]:
         model.vit_model.requires_grad_(False)
+    if x["freeze_generation"]:
+        # The text loss reaches the generation expert only through the input image's latents; at
+        # the small preset's from-scratch rate that would trade stage 1's maps for little.
+        for name, param in model.named_parameters():
+            if "moe_gen" in name or name.startswith(("time_embedder.", "vae2llm.")):
+                param.requires_grad_(False)
     # fixed sin-cos tables; the velocity head takes no part in a text loss
     model.latent_pos_embed.pos_embed.requires_grad_(False)
     model.vit_pos_embed.pos_embed.requires_grad_(False)
@@ -248,13 +304,17 @@ def main(argv=None):
         raise ValueError("data_dir is required")
     torch.manual_seed(cfg.seed)
     rows = read_rows(x["data_dir"])
-    for row in rows[:16]:  # fail on a malformed file now, not hours into the run
+    traces = len(rows)
+    if x["direct_rows"]:
+        rows += direct_rows(x["data_dir"], int(x["direct_rows"]), cfg.seed)
+    for row in rows[:16] + rows[traces:traces + 16]:  # fail on a malformed file now, not hours into the run
         row_items(row)
+        row_mode(row)
     model, vae, tokenizer = load_stage2(x)
     trainer = Trainer(cfg, SFTObjective(model), len(rows))
     acc = trainer.accelerator
     vae.to(acc.device)
-    acc.print(f"SFT: {len(rows)} traces, {trainer.num_parameters / 1e6:.2f} M trainable parameters, "
+    acc.print(f"SFT: {traces} traces + {len(rows) - traces} direct rows, {trainer.num_parameters / 1e6:.2f} M trainable parameters, "
               f"{acc.num_processes} process(es), start at step {trainer.step}")
     builder = InterleavedSequenceBuilder(Inferencer(model, vae, tokenizer), map_vae=x["map_vae"])
     trainer.fit(SFTBatches(rows, builder, vae, cfg))
