@@ -3,6 +3,7 @@ end-to-end latency camera stamp -> depth published.
 
     python -m cooper_ros.bench [--frames 20] [--width 640 --height 480] [--json out/bench/ros_bench.json]
     python -m cooper_ros.bench --flood [--duration 600] [--rate 60] [--query-period 2]   (cooper_ros/flood.py)
+    python -m cooper_ros.bench --contention [--rate 60] [--repeat 25]                    (cooper_ros/contention.py)
 
 Starts the node (separate process, bundled checkpoint unless --checkpoint), subscribes to every
 output, sends camera frames + camera_info over DDS and reports, in one run:
@@ -115,7 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     fl.add_argument("--params-file", default="", help="node parameters YAML (default: the bundled one)")
     fl.add_argument("--node-pythonpath", default="",
                     help="prepended to the node's PYTHONPATH: benchmark another version of the node")
+    ct = ap.add_argument_group("contention (python -m cooper_ros.bench --contention; see cooper_ros/contention.py)")
+    ct.add_argument("--contention", action="store_true",
+                    help="time the model quiet / beside a camera process / with a subscription (uses --rate, --width, --height)")
+    ct.add_argument("--repeat", type=int, default=25, help="depth maps timed per condition")
     args = ap.parse_args(argv)
+    if args.contention:
+        from .contention import run
+
+        args.json = args.json or "out/bench/contention.json"
+        return run(args)
     if args.flood:
         from .flood import run
 
