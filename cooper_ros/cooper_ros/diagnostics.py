@@ -1,7 +1,9 @@
 """What the node counts and measures, and its /diagnostics status.
 
 Counters (all since start, never reset; tests and benchmarks take differences):
-  frames_received, frames_processed, frames_skipped (bad / stale frames, model refused),
+  frames_received (taken by the model worker), frames_superseded (replaced by a newer frame before
+  a take, or lost on the way: gaps in the publisher's sequence numbers), frames_processed,
+  frames_skipped (bad / stale frames, model refused),
   frames_idle (no output wanted), frames_behind_max (newest seq - processed seq when work starts),
   depth_published, metric_depth_published, relative_depth_published, segmentation_published,
   labels_published, points_published, points_skipped (no camera_info with the frame's stamp, or
@@ -20,7 +22,7 @@ from typing import Any
 
 __all__ = ["Stats", "COUNTERS", "TIMINGS", "rss_mb", "diagnostic_array"]
 
-COUNTERS = ("frames_received", "frames_processed", "frames_skipped", "frames_idle",
+COUNTERS = ("frames_received", "frames_superseded", "frames_processed", "frames_skipped", "frames_idle",
             "frames_behind_max", "depth_published", "metric_depth_published",
             "relative_depth_published", "segmentation_published", "labels_published",
             "points_published", "points_skipped", "alignment_ok", "alignment_failed",

@@ -235,6 +235,9 @@ def run(args) -> int:
         res["flood"] = {
             "frames_sent": len(sent), "send_rate_hz": len(sent) / args.duration,
             "frames_received_by_node": (diag_int(d1, "frames_received") - diag_int(d0, "frames_received")),
+            # nodes that take frames on demand count the ones they never took (older nodes: 0)
+            "frames_superseded_in_node": (diag_int(d1, "frames_superseded") - diag_int(d0, "frames_superseded")
+                                          if "frames_superseded" in d1 else None),
             "depth_outputs": len(depth_recv), "depth_outputs_per_s": len(depth_recv) / args.duration,
             "metric_depth_outputs": len(flood_outs["depth"]),
             "relative_depth_outputs": len(flood_outs["depth_relative"]),
@@ -290,8 +293,10 @@ def report(res: dict) -> None:
     if not f:
         print("  flood did not complete")
         return
+    superseded = f.get("frames_superseded_in_node")
     print(f"  frames sent / received by the node   {f['frames_sent']} / {f['frames_received_by_node']}"
-          f"  ({f['send_rate_hz']:.1f} Hz sent)")
+          + (f" taken, {superseded} superseded" if superseded is not None else "")
+          + f"  ({f['send_rate_hz']:.1f} Hz sent)")
     print(f"  depth outputs per second             {f['depth_outputs_per_s']:.3f}  (idle model rate "
           f"{f['model_idle_rate_hz']:.3f} Hz; allowed with the queries' share "
           f"{100 * f['query_share_of_time']:.0f} %: {f['model_allowed_rate_hz']:.3f} Hz)")

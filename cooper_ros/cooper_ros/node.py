@@ -6,6 +6,7 @@ lifecycle and wires the parts together, each in a file of its own:
 * ``perception.py``: frames in, depth / segmentation / point cloud out;
 * ``queries.py``: the service and the action;
 * ``worker.py``: the one thread that makes every model call (why: see there);
+* ``intake.py``: camera input, taken by that thread when it wants a frame;
 * ``diagnostics.py``: counters, timings and the /diagnostics status.
 
 Start it with either of::
@@ -14,8 +15,9 @@ Start it with either of::
         -r image:=/camera/image_raw -r camera_info:=/camera/camera_info
     ros2 run cooper_ros cooper_node --ros-args ...
 
-Threads: a SingleThreadedExecutor runs every callback (they store messages, check requests and
-queue work; none waits for the model) and the model worker runs the model. Lifecycle: configure
+Threads: a SingleThreadedExecutor runs every callback (they check requests and queue work; none
+waits for the model; camera input has no callback: the worker takes it, see ``intake.py``) and the
+model worker runs the model. Lifecycle: configure
 loads the model and starts the worker, activate/deactivate only open and close the gate (no
 thread starts or stops, so deactivate returns at once and never leaves two workers), cleanup
 stops the worker after its call in flight and frees the model.
@@ -82,6 +84,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, LaserScan, Point
 from std_msgs.msg import String  # noqa: E402
 
 from .diagnostics import Stats, diagnostic_array  # noqa: E402
+from .intake import Intake  # noqa: E402
 from .params import (PARAMS, RECONFIGURE_ONLY, SPEC_BY_NAME, Settings,  # noqa: E402
                      check_consistency, check_value)
 from .perception import Perception, is_oom  # noqa: E402
@@ -129,7 +132,6 @@ class CooperNode(LifecycleNode):
 
         self._pub_lock = threading.Lock()   # publishing vs deactivate / teardown
         self._pubs: dict[str, Any] = {}
-        self._subs: list[Any] = []
         self._log_times: dict[str, float] = {}
 
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
@@ -275,9 +277,9 @@ class CooperNode(LifecycleNode):
             for pub in self._pubs.values():
                 self.destroy_publisher(pub)
             self._pubs = {}
-        for sub in self._subs:
-            self.destroy_subscription(sub)
-        self._subs = []
+        if self.perception.intake is not None:
+            self.perception.intake.destroy()
+            self.perception.intake = None
         self.perception.camera_infos.clear()
         self.perception.sparse.clear()
         self._release_memory()
@@ -343,15 +345,19 @@ class CooperNode(LifecycleNode):
                                  durability=DurabilityPolicy.TRANSIENT_LOCAL)
         p = self.perception
         self.image_topic = self.resolve_topic_name("image")
-        self._subs.append(self.create_subscription(Image, "image", lambda m: p.on_frame(m, False), sensor_qos))
+        # taken by the model worker when it wants them, never delivered by callbacks (intake.py)
+        intake = Intake(self, lambda n: self.stats.inc("frames_superseded", n))
+        intake.add(Image, self.image_topic, sensor_qos, lambda m, _info: p.on_frame(m, False), newest_only=True)
         if s["input.compressed"]:
-            self._subs.append(self.create_subscription(
-                CompressedImage, self.image_topic.rstrip("/") + "/compressed",
-                lambda m: p.on_frame(m, True), sensor_qos))
-        self._subs.append(self.create_subscription(CameraInfo, "camera_info", p.camera_infos.add, buffered_qos))
+            intake.add(CompressedImage, self.image_topic.rstrip("/") + "/compressed", sensor_qos,
+                       lambda m, _info: p.on_frame(m, True), newest_only=True)
+        intake.add(CameraInfo, self.resolve_topic_name("camera_info"), buffered_qos,
+                   lambda m, _info: p.camera_infos.add(m), newest_only=False)
         if s["alignment.source"] != "none":
             topic, typ = SPARSE_TOPICS[s["alignment.source"]]
-            self._subs.append(self.create_subscription(typ, topic, p.sparse.add, buffered_qos))
+            intake.add(typ, self.resolve_topic_name(topic), buffered_qos, lambda m, _info: p.sparse.add(m),
+                       newest_only=False)
+        p.intake = intake
         pubs = {
             "depth": (Image, "~/depth/image"), "depth_relative": (Image, "~/depth/relative"),
             "depth_colored": (Image, "~/depth/colored"), "depth_info": (CameraInfo, "~/depth/camera_info"),

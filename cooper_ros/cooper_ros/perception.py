@@ -1,9 +1,9 @@
 """Camera frames in, depth and segmentation out.
 
-The executor thread only stores messages here (:meth:`Perception.on_frame`, ``on_camera_info``,
-``on_sparse``); the model worker asks :meth:`ready` and runs :meth:`step`. A step works on the
-newest frame at the moment it starts, so no backlog can build up; depth and segmentation of one
-frame are two steps (a question may run between them).
+The model worker asks :meth:`ready`, which takes the newest frame (and the camera_info and
+sparse messages that came with it) from the node's inputs (``intake.py``: no callbacks), and runs
+:meth:`step`. A step works on the newest frame at the moment it starts, so no backlog can build
+up; depth and segmentation of one frame are two steps (a question may run between them).
 
 What is published for a frame (each only when someone subscribes):
 * ``~/depth/relative`` (32FC1, unitless [0, 1], larger = farther) and ``~/depth/colored``, always;
@@ -28,7 +28,9 @@ from .metric import AlignmentError, align, sparse_target
 from .pointcloud import depth_to_points, make_pointcloud2
 from .sync import StampBuffer, stamp_ns
 
-__all__ = ["Frame", "Perception", "is_oom"]
+__all__ = ["Frame", "Perception", "is_oom", "POLL_S"]
+
+POLL_S = 0.005   # how often an idle worker looks for a new frame (a take that finds none costs microseconds)
 
 
 @dataclass
@@ -62,18 +64,23 @@ class Perception:
         self._min_start_gap = float("inf")   # shortest time between two perception starts (rate limit)
         self.camera_infos = StampBuffer(60)
         self.sparse = StampBuffer(30)
+        self.intake = None             # the node's inputs while configured (cooper_ros.intake.Intake)
 
-    # ------------------------------------------------------------------ executor thread
+    # ------------------------------------------------------------------ inputs (worker thread)
     def on_frame(self, msg, compressed: bool) -> None:
         with self._lock:
             self._seq += 1
             self._frame = Frame(msg, compressed, self._seq)
         self.node.stats.inc("frames_received")
-        worker = self.node.worker
-        if worker is not None:
-            worker.notify()
+
+    def poll(self) -> None:
+        """Take what the inputs received since the last poll (the newest frame only)."""
+        intake = self.intake
+        if intake is not None:
+            intake.poll()
 
     def newest(self) -> Frame | None:
+        """The newest frame taken so far (call :meth:`poll` first for the newest received)."""
         with self._lock:
             return self._frame
 
@@ -87,9 +94,6 @@ class Perception:
             return None
         if self._pending_seg is not None:
             return 0.0
-        with self._lock:
-            if self._frame is None or self._frame.seq == self._taken:
-                return None
         s = self.node.settings
         if not s["perception.enabled"]:
             return None
@@ -98,6 +102,10 @@ class Perception:
             wait = self._last_start + 1.0 / rate - time.monotonic()
             if wait > 0:
                 return wait
+        self.poll()
+        with self._lock:
+            if self._frame is None or self._frame.seq == self._taken:
+                return POLL_S   # no new frame yet: look again soon (a question wakes the worker at once)
         return 0.0
 
     def step(self, pipe) -> None:
@@ -186,7 +194,9 @@ class Perception:
             return None
         node, stats, header = self.node, self.node.stats, frame.msg.header
         t0 = time.perf_counter()
-        if ci is None:   # they may have come after the image
+        if ci is None or (sparse is None and s["alignment.source"] != "none"):
+            self.poll()   # they may have come after the image
+        if ci is None:
             ci = self.camera_infos.nearest(header.stamp, s["input.camera_info_tolerance_s"])
         if sparse is None and s["alignment.source"] != "none":
             sparse = self.sparse.nearest(header.stamp, s["alignment.tolerance_s"])

@@ -180,6 +180,7 @@ class QueryServer:
             except ic.ImageConversionError as exc:
                 raise _Refused(f"invalid image in request: {exc}") from exc
         node = self.node
+        node.perception.poll()   # worker thread: the newest frame received, not the last one taken
         frame = node.perception.newest()
         if frame is None:
             raise _Refused(f"no camera frame received yet on {node.image_topic} and the request "

@@ -3,7 +3,8 @@
 Why one thread, and why not the executor: rclpy's MultiThreadedExecutor busy-spins while
 callbacks are in flight (ros2/rclpy#1452), and under a 60 Hz camera its spinning thread holds the
 GIL most of the time and starves the model. So the node spins a SingleThreadedExecutor whose
-callbacks only store messages and queue work, and this thread runs the model:
+callbacks only queue work, camera input has no callback at all (this thread takes the newest frame
+when it wants one: ``intake.py``), and this thread runs the model:
 
 * a queued question goes first; else one perception step (depth, or segmentation) of the newest
   frame. A question therefore waits at most for the one step in flight;
@@ -11,10 +12,9 @@ callbacks only store messages and queue work, and this thread runs the model:
 * nothing queues up for perception: each step takes the newest frame when it starts.
 
 The model could run in a process of its own instead, which would remove the GIL coupling
-altogether; with the executor idle between messages (about 0.05 of a core at 60 Hz) the
-coupling left is small, and one process keeps the model's errors, memory and lifecycle (load at
-configure, free at cleanup) where ROS tools see them, and answers stream their progress without
-an IPC layer.
+altogether; with the executor idle at any camera rate the coupling left is small, and one
+process keeps the model's errors, memory and lifecycle (load at configure, free at cleanup) where
+ROS tools see them, and answers stream their progress without an IPC layer.
 """
 from __future__ import annotations
 
