@@ -26,3 +26,13 @@ python -m training.evaluate --checkpoint cooper_model/checkpoints/cooper-small -
 python -m cooper_model.bench --size 256 --steps 2 --backends eager,compile,onnxruntime --repeat 5 --knobs \
     --knob-reference '{"num_steps": 9, "cfg_text_scale": 3.0, "cfg_img_scale": 1.5}' \
     --eval-data runs/data/test --eval-images 16 --json-out runs/bench_ship.json
+
+# Stage 2 (trial, NOT shipped: it cost the maps more than it gave the answers; figures and why in
+# training/README.md, "Status of the small preset"). Blind baselines into the test card first.
+python -m training.data.baselines --train runs/data/train --test runs/data/test --card
+python -m training.sft --config training/configs/sft_small.yaml           # from phase 2's EMA
+python -m training.grpo --config training/configs/grpo_small.yaml         # from the SFT export
+python -m training.export --checkpoint runs/grpo/export --out runs/stage2_ship \
+    --dtype bfloat16 --defaults '{"num_steps": 2, "cfg_text_scale": 1.0, "cfg_img_scale": 1.0, "max_new_tokens": 160}'
+python -m training.evaluate --checkpoint runs/stage2_ship --data runs/data/test \
+    --out runs/eval_stage2 --threads 2 --qa-questions 200 --steps-sweep 2,9
