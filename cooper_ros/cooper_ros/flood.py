@@ -257,6 +257,10 @@ def run(args) -> int:
             "queries_over_bound_idle_max": sum(1 for x in lat if x > bound_max),
             "rss_mb_start": post[0][1] if post else None, "rss_mb_end": post[-1][1] if post else None,
             "rss_mb_max": max(m for _, m in post) if post else None, "rss_slope_mb_per_min": slope,
+            # slope of the second half alone: growth that levels off (allocator warm-up) shows here
+            "rss_slope_second_half_mb_per_min": (float(np.polyfit(*zip(*post[len(post) // 2:]), 1)[0] * 60.0)
+                                                 if len(post) > 6 else None),
+            "rss_mb_per_10s": [round(m, 1) for t, m in post[::10]],
             "depth_outputs_after_camera_stopped": len(late),
             "node_cpu_cores": (cpu1 - cpu0) / (wall1 - wall0),
             "node_main_thread_cpu_cores": (main1 - main0) / (wall1 - wall0),
@@ -313,7 +317,8 @@ def report(res: dict) -> None:
               f"{i['query_max_s']:.3f} s + one step = {f['query_bound_idle_max_plus_one_step_s']:.3f} s)")
     print(f"  queries ok / failed                  {f['queries_ok']} / {f['queries_failed']} {f['query_failures'] or ''}")
     print(f"  node RSS start / end / max, slope    {_fmt(f['rss_mb_start'], ' MB', 0)} / {_fmt(f['rss_mb_end'], ' MB', 0)}"
-          f" / {_fmt(f['rss_mb_max'], ' MB', 0)}, {_fmt(f['rss_slope_mb_per_min'], ' MB/min', 2)}")
+          f" / {_fmt(f['rss_mb_max'], ' MB', 0)}, {_fmt(f['rss_slope_mb_per_min'], ' MB/min', 2)}"
+          f" (second half {_fmt(f.get('rss_slope_second_half_mb_per_min'), ' MB/min', 2)})")
     print(f"  backlog: depth outputs after the camera stopped {f['depth_outputs_after_camera_stopped']}; "
           f"frames behind max {f['node_frames_behind_max']}; queries waiting {f['node_queries_waiting_after']}")
     print(f"  node CPU: {f['node_cpu_cores']:.2f} cores, executor (main) thread {f['node_main_thread_cpu_cores']:.2f}")
