@@ -36,3 +36,7 @@ python -m training.export --checkpoint runs/grpo/export --out runs/stage2_ship \
     --dtype bfloat16 --defaults '{"num_steps": 2, "cfg_text_scale": 1.0, "cfg_img_scale": 1.0, "max_new_tokens": 160}'
 python -m training.evaluate --checkpoint runs/stage2_ship --data runs/data/test \
     --out runs/eval_stage2 --threads 2 --qa-questions 200 --steps-sweep 2,9
+python -m training.export --checkpoint runs/sft/export --out runs/sft_ship \
+    --dtype bfloat16 --defaults '{"num_steps": 2, "cfg_text_scale": 1.0, "cfg_img_scale": 1.0, "max_new_tokens": 160}'
+python -m training.evaluate --checkpoint runs/sft_ship --data runs/data/test --out runs/eval_sft --threads 2 \
+    --qa-questions 200 --steps-sweep ""
