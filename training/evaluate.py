@@ -163,8 +163,9 @@ def evaluate_steps(pipe, samples, base: dict, depth_range, steps=(2, 3, 5, 9, 17
 
 
 def form_group(q: dict) -> str:
-    """Multiple choice and yes/no share a chance level; numeric answers are scored by tolerance."""
-    return "numeric" if q["form"] == "numeric" else "choice"
+    from training.data.questions import is_choice
+
+    return "choice" if is_choice(q) else "numeric"
 
 
 def pick_questions(questions: list[dict], count: int, seed: int = 0) -> list[dict]:
@@ -205,10 +206,9 @@ def blind_floor(data_dir: Path) -> dict:
 
 
 def evaluate_qa(pipe, data_dir: Path, count: int, settings: dict) -> dict:
-    from training.data.questions import score
+    from training.data.questions import load_questions, score
 
-    questions = [json.loads(line) for line in open(data_dir / "questions.jsonl")]
-    picked = pick_questions(questions, count)
+    picked = pick_questions(load_questions(data_dir), count)
     out = {}
     for mode in MODES:
         correct, tools = defaultdict(list), defaultdict(lambda: defaultdict(int))

@@ -103,8 +103,9 @@ class RuleJudge:
         path = Path(data_dir) / "questions.jsonl"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: the rule judge needs the question records (or use judge: llm)")
-        with open(path) as f:
-            return cls({q["qid"]: q for q in map(json.loads, f)})
+        from training.data.questions import load_questions
+
+        return cls({q["qid"]: q for q in load_questions(data_dir)})
 
     def __call__(self, rows: list[dict], answers: list[str]) -> list[float]:
         from training.data.questions import score

@@ -56,7 +56,7 @@ DEFAULTS = dict(
     autoencoder=None,  # default: init_from's
     tokenizer=None,  # default: init_from's
     freeze_vit=True,  # upstream freezes the ViT (and the autoencoder, always frozen here)
-    freeze_generation=False,  # freeze the generation expert (*_moe_gen, time embedder, vae2llm); maps still see the context through the understanding expert
+    freeze_generation=False,  # freeze *_moe_gen, the time embedder and vae2llm (see load_stage2)
     map_vae=False,  # also give fed-back maps a VAE copy (upstream's SFT sequence; not what inference does)
     export_dir=None,
     export_weights="ema",  # ema | live: which weights export_dir receives
@@ -238,16 +238,12 @@ class SFTBatches:
 def direct_rows(data_dir: str | Path, count: int, seed: int) -> list[dict]:
     """`count` questions of the split as direct-mode rows (image, question, the answer as the
     judge reads it), drawn without replacement in a seeded order."""
-    from training.data.questions import answer_text
+    from training.data.questions import answer_text, load_questions
 
     data_dir = Path(data_dir)
-    path = data_dir / "questions.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: direct_rows needs the split's questions")
-    with open(path) as f:
-        questions = [json.loads(line) for line in f if line.strip()]
+    questions = load_questions(data_dir)
     if count > len(questions):
-        raise ValueError(f"direct_rows={count}, but {path} has {len(questions)} questions")
+        raise ValueError(f"direct_rows={count}, but {data_dir} has {len(questions)} questions")
     order = np.random.default_rng(seed).permutation(len(questions))[:count]
     return [{"data_id": f"direct_{q['qid']}", "mode": "direct", "category": q["category"], "tool": None,
              "interleaved_reason": [{"type": "image", "path": str(data_dir / q["image"])},
@@ -271,7 +267,8 @@ def load_stage2(x: dict):
         model.vit_model.requires_grad_(False)
     if x["freeze_generation"]:
         # The text loss reaches the generation expert only through the input image's latents; at
-        # the small preset's from-scratch rate that would trade stage 1's maps for little.
+        # the small preset's from-scratch rate that would trade stage 1's maps for little. (The
+        # maps still read the context through the understanding expert, which does train.)
         for name, param in model.named_parameters():
             if "moe_gen" in name or name.startswith(("time_embedder.", "vae2llm.")):
                 param.requires_grad_(False)

@@ -52,12 +52,6 @@ def camera_main(rate: float, width: int, height: int) -> None:
         pass
 
 
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def run(args) -> int:
     import rclpy
     import torch
@@ -67,6 +61,8 @@ def run(args) -> int:
     from sensor_msgs.msg import Image
 
     from cooper_model import BUNDLED_CHECKPOINT, CooperPipeline
+
+    from .flood import cpu_seconds
 
     pipe = CooperPipeline.from_pretrained(args.checkpoint or BUNDLED_CHECKPOINT)
     rgb = np.random.default_rng(0).integers(0, 255, (args.height, args.width, 3), np.uint8)
@@ -95,7 +91,7 @@ def run(args) -> int:
                                str(args.width), str(args.height)])
     try:
         time.sleep(3.0)  # discovery, first frames
-        cpu0, wall0 = _cpu_s(camera.pid), time.perf_counter()
+        cpu0, wall0 = cpu_seconds(f"/proc/{camera.pid}/stat"), time.perf_counter()
         measure("camera")
         rclpy.init()
         node = Node("cooper_contention_subscriber")
@@ -109,7 +105,7 @@ def run(args) -> int:
         start = received[0]
         measure("camera + subscription")
         frames = received[0] - start
-        camera_cores = (_cpu_s(camera.pid) - cpu0) / (time.perf_counter() - wall0)
+        camera_cores = (cpu_seconds(f"/proc/{camera.pid}/stat") - cpu0) / (time.perf_counter() - wall0)
         executor.shutdown()
         node.destroy_node()
         rclpy.shutdown()

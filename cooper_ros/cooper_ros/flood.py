@@ -41,7 +41,7 @@ def _pct(xs, q):
     return float(xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))])
 
 
-def _cpu_s(path: str) -> float:
+def cpu_seconds(path: str) -> float:
     """utime + stime (seconds) of a /proc/<pid>[/task/<tid>]/stat file."""
     with open(path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -187,7 +187,7 @@ def run(args) -> int:
         cam_t = threading.Thread(target=camera, daemon=True)
         q_t = threading.Thread(target=querier, daemon=True)
         pid = node.pid
-        cpu0, main0, wall0 = _cpu_s(f"/proc/{pid}/stat"), _cpu_s(f"/proc/{pid}/task/{pid}/stat"), time.monotonic()
+        cpu0, main0, wall0 = cpu_seconds(f"/proc/{pid}/stat"), cpu_seconds(f"/proc/{pid}/task/{pid}/stat"), time.monotonic()
         cam_t.start()
         q_t.start()
         rss = []
@@ -203,7 +203,7 @@ def run(args) -> int:
                       flush=True)
             cam_t.join(timeout=1.0)
         stop_ns = client.now().nanoseconds
-        cpu1, main1, wall1 = _cpu_s(f"/proc/{pid}/stat"), _cpu_s(f"/proc/{pid}/task/{pid}/stat"), time.monotonic()
+        cpu1, main1, wall1 = cpu_seconds(f"/proc/{pid}/stat"), cpu_seconds(f"/proc/{pid}/task/{pid}/stat"), time.monotonic()
         stop.set()
         q_t.join(timeout=args.query_timeout + 10)
         time.sleep(args.settle)
@@ -227,7 +227,9 @@ def run(args) -> int:
         # the model's time the questions take, at their idle cost
         query_share = min(1.0, len(queries) * idle_p50 / args.duration)
         post = [(t, m) for t, m in rss if t >= args.warmup]
-        slope = float(np.polyfit([t for t, _ in post], [m for _, m in post], 1)[0] * 60.0) if len(post) > 2 else None
+
+        def slope_mb_per_min(points):
+            return float(np.polyfit(*zip(*points), 1)[0] * 60.0) if len(points) > 2 else None
 
         def diag_int(d, key):
             return int(d[key]) if key in d else None
@@ -256,10 +258,9 @@ def run(args) -> int:
             "query_bound_idle_max_plus_one_step_s": bound_max,
             "queries_over_bound_idle_max": sum(1 for x in lat if x > bound_max),
             "rss_mb_start": post[0][1] if post else None, "rss_mb_end": post[-1][1] if post else None,
-            "rss_mb_max": max(m for _, m in post) if post else None, "rss_slope_mb_per_min": slope,
-            # slope of the second half alone: growth that levels off (allocator warm-up) shows here
-            "rss_slope_second_half_mb_per_min": (float(np.polyfit(*zip(*post[len(post) // 2:]), 1)[0] * 60.0)
-                                                 if len(post) > 6 else None),
+            "rss_mb_max": max(m for _, m in post) if post else None, "rss_slope_mb_per_min": slope_mb_per_min(post),
+            # the second half alone: growth that levels off (allocator warm-up) shows here
+            "rss_slope_second_half_mb_per_min": slope_mb_per_min(post[len(post) // 2:]),
             "rss_mb_per_10s": [round(m, 1) for t, m in post[::10]],
             "depth_outputs_after_camera_stopped": len(late),
             "node_cpu_cores": (cpu1 - cpu0) / (wall1 - wall0),

@@ -20,11 +20,27 @@ __all__ = ["Intake"]
 
 
 class _Source:
-    def __init__(self, sub, on_message: Callable[[Any, dict], None], newest_only: bool):
+    def __init__(self, sub, on_message: Callable[[Any], None], newest_only: bool):
         self.sub = sub
         self.on_message = on_message
         self.newest_only = newest_only
         self.last_seq: dict[bytes, int] = {}   # per publisher: its last publication sequence number
+
+    def superseded(self, got: list[tuple[Any, dict]]) -> int:
+        """Of a take, the frames that reached the reader and were replaced by newer ones before it
+        (or were lost on the way): all but the newest, and the gaps in each publisher's sequence
+        numbers since the last take."""
+        count = len(got) - 1
+        for _msg, info in got:
+            seq, gid = info.get("publication_sequence_number"), info.get("publisher_gid") or {}
+            if seq is None or seq <= 0:   # a middleware without sequence numbers
+                continue
+            key = bytes(gid.get("data", b""))
+            last = self.last_seq.get(key)
+            if last is not None and seq > last + 1:
+                count += seq - last - 1
+            self.last_seq[key] = seq
+        return count
 
     def take_all(self) -> list[tuple[Any, dict]]:
         out = []
@@ -43,13 +59,13 @@ class Intake:
         from rclpy.node import Node
 
         self._count_gap = count_gap
-        self._lock = threading.Lock()   # queries and perception both take, in the worker thread, but be safe
+        self._lock = threading.Lock()   # polls (model worker) vs destroy (lifecycle teardown)
         self._sources: list[_Source] = []
         self.node = Node(f"_{parent_node.get_name()}_intake", namespace=parent_node.get_namespace(),
                          context=parent_node.context, use_global_arguments=False,
                          start_parameter_services=False, enable_rosout=False)
 
-    def add(self, msg_type, topic: str, qos, on_message: Callable[[Any, dict], None], newest_only: bool) -> None:
+    def add(self, msg_type, topic: str, qos, on_message: Callable[[Any], None], newest_only: bool) -> None:
         """``topic`` is a resolved name. ``newest_only``: hand over only the newest message of a
         poll and count the others (and gaps in the publisher's sequence numbers) as superseded."""
         sub = self.node.create_subscription(msg_type, topic, lambda _msg: None, qos)
@@ -63,26 +79,12 @@ class Intake:
                 if not got:
                     continue
                 if src.newest_only:
-                    self._count_gaps(src, got)
+                    superseded = src.superseded(got)
+                    if superseded:
+                        self._count_gap(superseded)
                     got = got[-1:]
-                for msg, info in got:
-                    src.on_message(msg, info)
-
-    def _count_gaps(self, src: _Source, got: list[tuple[Any, dict]]) -> None:
-        """Frames that reached the reader and were replaced by newer ones before a take (or were
-        lost on the way): the publisher's sequence numbers skip them."""
-        superseded = len(got) - 1
-        for _msg, info in got:
-            seq, gid = info.get("publication_sequence_number"), info.get("publisher_gid") or {}
-            key = bytes(gid.get("data", b""))
-            if seq is None or seq <= 0:
-                continue
-            last = src.last_seq.get(key)
-            if last is not None and seq > last + 1:
-                superseded += seq - last - 1
-            src.last_seq[key] = seq
-        if superseded > 0:
-            self._count_gap(superseded)
+                for msg, _info in got:
+                    src.on_message(msg)
 
     def destroy(self) -> None:
         with self._lock:

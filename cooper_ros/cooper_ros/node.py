@@ -347,16 +347,15 @@ class CooperNode(LifecycleNode):
         self.image_topic = self.resolve_topic_name("image")
         # taken by the model worker when it wants them, never delivered by callbacks (intake.py)
         intake = Intake(self, lambda n: self.stats.inc("frames_superseded", n))
-        intake.add(Image, self.image_topic, sensor_qos, lambda m, _info: p.on_frame(m, False), newest_only=True)
+        intake.add(Image, self.image_topic, sensor_qos, lambda m: p.on_frame(m, False), newest_only=True)
         if s["input.compressed"]:
             intake.add(CompressedImage, self.image_topic.rstrip("/") + "/compressed", sensor_qos,
-                       lambda m, _info: p.on_frame(m, True), newest_only=True)
-        intake.add(CameraInfo, self.resolve_topic_name("camera_info"), buffered_qos,
-                   lambda m, _info: p.camera_infos.add(m), newest_only=False)
+                       lambda m: p.on_frame(m, True), newest_only=True)
+        intake.add(CameraInfo, self.resolve_topic_name("camera_info"), buffered_qos, p.camera_infos.add,
+                   newest_only=False)
         if s["alignment.source"] != "none":
             topic, typ = SPARSE_TOPICS[s["alignment.source"]]
-            intake.add(typ, self.resolve_topic_name(topic), buffered_qos, lambda m, _info: p.sparse.add(m),
-                       newest_only=False)
+            intake.add(typ, self.resolve_topic_name(topic), buffered_qos, p.sparse.add, newest_only=False)
         p.intake = intake
         pubs = {
             "depth": (Image, "~/depth/image"), "depth_relative": (Image, "~/depth/relative"),

@@ -28,7 +28,7 @@ from .metric import AlignmentError, align, sparse_target
 from .pointcloud import depth_to_points, make_pointcloud2
 from .sync import StampBuffer, stamp_ns
 
-__all__ = ["Frame", "Perception", "is_oom", "POLL_S"]
+__all__ = ["Frame", "Perception", "is_oom"]
 
 POLL_S = 0.005   # how often an idle worker looks for a new frame (a take that finds none costs microseconds)
 

@@ -40,22 +40,13 @@ from pathlib import Path
 import numpy as np
 
 from .catalogue import BY_NAME, PLURAL
-from .questions import CATEGORIES, LETTERS, score
+from .questions import CATEGORIES, LETTERS, is_choice, load_questions, score
 
 VALUE_CATEGORIES = ("distance_camera", "distance_objects", "size", "height", "counting")
 MARGIN = 0.05  # a baseline "beats chance" when it is this far above it, significantly (see `leaks`)
 
 
 # ---- what a blind model can read ------------------------------------------------------------
-
-def load_questions(split_dir: str | Path) -> list[dict]:
-    with open(Path(split_dir) / "questions.jsonl") as f:
-        return [json.loads(line) for line in f]
-
-
-def is_choice(q: dict) -> bool:
-    return q["form"] in ("choice", "yesno")
-
 
 def options(q: dict) -> list[str]:
     return q["options"] if q["form"] == "choice" else ["yes", "no"]

@@ -35,8 +35,10 @@ question records its tolerance.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
@@ -463,6 +465,20 @@ class QuestionMaker:
 def make_questions(sample: Sample, rng: np.random.Generator, n: int = 8, tally: Counter | None = None) -> list[dict]:
     """Up to n questions about `sample`; pass one `tally` Counter for all views of a scene."""
     return QuestionMaker(sample, rng, tally=tally).make(n)
+
+
+def load_questions(split_dir: str | Path) -> list[dict]:
+    """The question records of a split written by `training.data.synth` (its questions.jsonl)."""
+    path = Path(split_dir) / "questions.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no question records (python -m training.data.synth writes them)")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def is_choice(q: dict) -> bool:
+    """Multiple choice and yes/no (scored against chance); the rest are numeric (scored by tolerance)."""
+    return q["form"] in ("choice", "yesno")
 
 
 def answer_text(q: dict) -> str:
