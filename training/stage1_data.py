@@ -86,7 +86,7 @@ class Stage1Dataset:
             depth_m = np.asarray(Image.fromarray(metres).resize(size, Image.NEAREST))
             target = depth_target(metres, size, self.depth_codec)
         elif row["task"] == "segmentation":
-            labels = np.asarray(Image.open(self.root / row["label_image"])).astype(np.int64)
+            labels = np.asarray(Image.open(self.root / row["label_image"]).resize(size, Image.NEAREST)).astype(np.int64)
             if labels.max() >= len(self.palette):
                 raise ValueError(f"{row['label_image']}: class {labels.max()} beyond the {len(self.palette)}-colour palette")
             target = segmentation_target(labels, size, self.palette)
