@@ -13,7 +13,7 @@ _EXPORTS = {
     "DepthCodec": "codecs", "SegmentationCodec": "codecs", "colorize_depth": "codecs", "default_palette": "codecs",
     "CooperConfig": "config", "preset": "config",
     "CooperInputError": "image_processor",
-    "Context": "inference", "Inferencer": "inference",
+    "Context": "inference", "GenerationInterrupted": "inference", "Inferencer": "inference",
     "CooperModel": "modeling",
 }
 

@@ -33,6 +33,16 @@ from .tokenizer import SpecialTokens
 RENORM_TYPES = ("global", "channel", "text_channel")
 
 
+class GenerationInterrupted(Exception):
+    """A map generation stopped early because its caller's ``should_stop()`` said so (a robot node
+    lets a waiting question go before the rest of a perception step)."""
+
+
+def check_stop(should_stop) -> None:
+    if should_stop is not None and should_stop():
+        raise GenerationInterrupted("generation interrupted by should_stop()")
+
+
 @dataclass
 class Context:
     inferencer: "Inferencer"
@@ -313,9 +323,11 @@ class Inferencer:
     @torch.no_grad()
     def generate_latents(self, ctx: Context, height: int, width: int, settings: ImageGenerationSettings,
                          cfg_text_ctx: Context | None = None, cfg_img_ctx: Context | None = None,
-                         generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+                         generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                         should_stop=None) -> torch.Tensor:
         """Rectified-flow Euler sampling with three-branch CFG inside the CFG interval. The
-        branches of a step go to the backend together (one batched call where it can)."""
+        branches of a step go to the backend together (one batched call where it can).
+        ``should_stop()``, if given, is asked before each step (`GenerationInterrupted`)."""
         settings.check_knobs()
         x = (self.initial_noise(height, width, generator) if noise is None else noise).float().to(self.device)
         timesteps = shifted_timesteps(settings.num_steps, settings.timestep_shift)
@@ -334,6 +346,7 @@ class Inferencer:
         pos = self._latent_positions(height, width) if settings.feature_cache != "none" else None
         passes = 0
         for i in tqdm(range(len(guidance)), disable=not self.progress, desc="denoise", leave=False):
+            check_stop(should_stop)
             t = float(timesteps[i])
             text_scale, img_scale = guidance[i]
             branches = 1 if text_scale <= 1.0 else 3 if img_scale > 1.0 else 2

@@ -31,7 +31,7 @@ from .checkpoint import CheckpointError, load_autoencoder, load_model, read_conf
 from .codecs import DepthCodec, SegmentationCodec, colorize_depth
 from .config import CooperConfig, ImageTransformConfig
 from .image_processor import CooperInputError
-from .inference import ImageGenerationSettings, Inferencer, decode_depth01
+from .inference import GenerationInterrupted, ImageGenerationSettings, Inferencer, check_stop, decode_depth01
 from .reasoning import MODES, Reasoner, TextSettings, extract_boxed
 from .tokenizer import load_tokenizer
 
@@ -230,8 +230,10 @@ class CooperPipeline:
         with self._lock, torch.inference_mode():
             return fn(generator)
 
-    def _generate_map(self, image: Image.Image, prompt: str, s: Settings, generator):
-        """Upstream `depth_map_generation` / `segmentation_generation`: [image, prompt] -> image."""
+    def _generate_map(self, image: Image.Image, prompt: str, s: Settings, generator, should_stop=None):
+        """Upstream `depth_map_generation` / `segmentation_generation`: [image, prompt] -> image.
+        ``should_stop()`` is asked after the prefill, before each denoising step and before the
+        decode; when it says True the call raises `GenerationInterrupted` (nothing is returned)."""
         inf, timings = self.inferencer, {}
         start = time.perf_counter()
         ctx, cfg_img = inf.new_context(*self._transforms(s)), inf.new_context(*self._transforms(s))
@@ -243,19 +245,22 @@ class CooperPipeline:
         timings["prefill"] = time.perf_counter() - start
         start = time.perf_counter()
         latents = inf.generate_latents(ctx, resized.height, resized.width, s, cfg_text,
-                                       cfg_img, generator)
+                                       cfg_img, generator, should_stop=should_stop)
         timings["denoise"] = time.perf_counter() - start
+        check_stop(should_stop)
         start = time.perf_counter()
         decoded = inf.decode_latents(latents, resized.height, resized.width)
         timings["vae_decode"] = time.perf_counter() - start
         return decoded, timings
 
     # Tasks ----------------------------------------------------------------------------------------
-    def depth(self, rgb, **overrides) -> DepthOutput:
+    def depth(self, rgb, should_stop=None, **overrides) -> DepthOutput:
+        """Depth of an RGB image. ``should_stop``: an optional callable asked between the stages of
+        the generation; True stops it with `GenerationInterrupted` (e.g. a question is waiting)."""
         image = self._check_image(rgb)
         s = self.settings("depth", **overrides)
         start = time.perf_counter()
-        decoded, timings = self._run(s, lambda g: self._generate_map(image, prompts.DEPTH_PROMPT, s, g))
+        decoded, timings = self._run(s, lambda g: self._generate_map(image, prompts.DEPTH_PROMPT, s, g, should_stop))
         relative = decode_depth01(decoded)[None, None]
         relative = torch.nn.functional.interpolate(relative, size=(image.height, image.width), mode="bilinear",
                                                    align_corners=False)[0, 0].clamp(0, 1).cpu().numpy().astype(np.float32)
@@ -263,11 +268,12 @@ class CooperPipeline:
         timings["total"] = time.perf_counter() - start
         return DepthOutput(relative, metres, colorize_depth(relative), timings)
 
-    def segment(self, rgb, **overrides) -> SegmentationOutput:
+    def segment(self, rgb, should_stop=None, **overrides) -> SegmentationOutput:
+        """Segmentation colour map of an RGB image; ``should_stop`` as in :meth:`depth`."""
         image = self._check_image(rgb)
         s = self.settings("segment", **overrides)
         start = time.perf_counter()
-        decoded, timings = self._run(s, lambda g: self._generate_map(image, prompts.SEGMENTATION_PROMPT, s, g))
+        decoded, timings = self._run(s, lambda g: self._generate_map(image, prompts.SEGMENTATION_PROMPT, s, g, should_stop))
         raw = np.asarray(Image.fromarray(ip.to_uint8(decoded)).resize(image.size, Image.NEAREST))
         labels = color = None
         if self.has_palette:

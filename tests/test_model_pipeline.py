@@ -67,6 +67,33 @@ def test_same_seed_same_map_other_seed_other_map(pipe, rgb):
     assert not np.array_equal(a, c)
 
 
+@pytest.mark.parametrize("task", ["depth", "segment"])
+def test_should_stop_is_asked_between_stages_and_interrupts(pipe, rgb, task):
+    """``should_stop`` is asked after the prefill / before each denoising step and once before
+    the decode; the first True stops the call with GenerationInterrupted, and the pipeline then
+    works as before (its lock is released, the same seed gives the same map)."""
+    from cooper_model import GenerationInterrupted
+
+    call = getattr(pipe, task)
+    asked = []
+    reference = call(rgb, seed=5, **FAST)
+    same = call(rgb, seed=5, should_stop=lambda: asked.append(1) and False, **FAST)
+    # num_steps - 1 Euler steps (the first right after the prefill), then once before the decode
+    assert len(asked) == FAST["num_steps"]
+    for field in ("relative", "raw"):
+        if hasattr(reference, field):
+            assert np.array_equal(getattr(same, field), getattr(reference, field))
+    for stop_at in range(1, len(asked) + 1):
+        n = []
+        with pytest.raises(GenerationInterrupted):
+            call(rgb, seed=5, should_stop=lambda: n.append(1) or len(n) >= stop_at, **FAST)
+        assert len(n) == stop_at                 # nothing more was asked (nor computed) after True
+    again = call(rgb, seed=5, **FAST)
+    for field in ("relative", "raw"):
+        if hasattr(reference, field):
+            assert np.array_equal(getattr(again, field), getattr(reference, field))
+
+
 def test_segmentation_labels_are_palette_ids(pipe, rgb):
     assert pipe.has_palette
     out = pipe.segment(rgb, **FAST)

@@ -18,7 +18,7 @@ class Steps:
     def ready(self):
         return 0.0
 
-    def step(self, pipe):
+    def step(self, pipe, should_stop):
         self.log.append(("step", pipe))
         self.started.release()
         assert self.release.acquire(timeout=30)
@@ -63,6 +63,33 @@ def test_questions_go_before_the_next_perception_step_and_stop_ends_the_thread()
     assert d.is_set() and isinstance(o["exc"], WorkerStopped)
 
 
+def test_a_question_stops_the_step_in_flight_and_so_does_stop():
+    """The step is told to stop as soon as a question is queued (it then yields to it), and
+    again when the worker is stopping; no step is told to stop for nothing."""
+    told, started = [], threading.Semaphore(0)
+
+    def step(_pipe, should_stop):
+        started.release()
+        for _ in range(30_000):                      # a model call that checks between its stages
+            if should_stop():
+                told.append("stopped")
+                return
+            threading.Event().wait(0.001)
+        told.append("finished")
+
+    w = ModelWorker("PIPE", lambda: 0.0, step, on_crash=pytest.fail).start()
+    assert started.acquire(timeout=30)
+    log = []
+    job, done, out = _job(log, "q")
+    w.submit(job)
+    assert done.wait(30) and out["result"] == "q"
+    assert told[0] == "stopped" and log == [("q", "PIPE")]
+    assert started.acquire(timeout=30)               # perception goes on after the question
+    assert not w.should_stop_step()
+    assert w.stop(30)                                # stop ends the step in flight early too
+    assert told[-1] == "stopped" and "finished" not in told
+
+
 def test_cancel_and_drop_queued_questions():
     p = Steps()
     w = ModelWorker("PIPE", p.ready, p.step, on_crash=pytest.fail).start()
@@ -90,7 +117,7 @@ def test_a_failing_question_or_step_does_not_kill_the_worker():
     steps = iter([RuntimeError("boom")] + [None] * 1000)
     ran = threading.Semaphore(0)
 
-    def step(_pipe):
+    def step(_pipe, _should_stop):
         ran.release()
         e = next(steps)
         if e:
@@ -121,3 +148,76 @@ def test_intake_counts_superseded_frames_from_publisher_sequence_numbers():
     assert src.superseded([("m6", info(6)), ("m7", info(7))]) == 1  # two in one take: the older one
     assert src.superseded([("x1", info(1, b"b"))]) == 0            # another publisher has its own numbers
     assert src.superseded([("y", {"publication_sequence_number": None})]) == 0  # middleware without numbers
+
+
+class StandInNode:
+    """What Perception uses of CooperNode (settings, counters, publishers), without ROS."""
+
+    def __init__(self, pipe):
+        from cooper_ros.diagnostics import Stats
+        from cooper_ros.params import PARAMS, Settings
+
+        values = {p.name: p.default for p in PARAMS}
+        values.update({"generation.num_steps": 3, "outputs.points": False})
+        self.settings = Settings(values)
+        self.model_info = {"depth_is_metric": pipe.depth_is_metric, "has_palette": pipe.has_palette}
+        self.stats, self.active, self.published = Stats(), True, []
+
+    def publish(self, key, msg):
+        self.published.append((key, msg.header.frame_id))
+        return True
+
+    def subscribed(self, *keys):
+        return True
+
+    def age_s(self, stamp):
+        return 0.0
+
+    def log_throttled(self, *args, **kwargs):
+        pass
+
+    def model_failed(self, what, exc):
+        raise AssertionError(f"model failed on {what}: {exc!r}")
+
+
+def test_a_preempted_step_publishes_nothing_and_its_frame_is_done_after_the_question():
+    """The real pipeline, stopped by should_stop: a stopped depth step publishes nothing and takes
+    the same frame again (no newer one came); a stopped segmentation is redone for that frame;
+    a newer frame supersedes a stopped one. Counted in perception_preempted."""
+    import numpy as np
+
+    from cooper_model import BUNDLED_CHECKPOINT, CooperPipeline
+    from cooper_ros.perception import POLL_S, Perception
+    from cooper_ros.testing import make_image, pattern_frame
+
+    pipe = CooperPipeline.from_pretrained(BUNDLED_CHECKPOINT)
+    node = StandInNode(pipe)
+    p = Perception(node)
+    counter = lambda: int(node.stats.values()["perception_preempted"])  # noqa: E731
+    p.on_frame(make_image(pattern_frame(48, 64), frame_id="f1"), False)
+    assert p.ready() == 0.0
+    p.step(pipe, should_stop=lambda: True)                 # depth stopped at its first stage
+    assert node.published == [] and counter() == 1
+    assert p.ready() == 0.0                                # the same frame, again
+    p.step(pipe, should_stop=lambda: False)                # its depth
+    assert [k for k, _f in node.published] == ["depth_relative", "depth_colored", "depth"]
+    assert {f for _k, f in node.published} == {"f1"}
+    n_depth = len(node.published)
+    asked = []
+    p.step(pipe, should_stop=lambda: asked.append(1) or len(asked) >= 2)   # segmentation, stopped mid-way
+    assert len(node.published) == n_depth and counter() == 2
+    p.step(pipe, should_stop=lambda: False)                # redone: the same frame's segmentation
+    assert [k for k, _f in node.published[n_depth:]] == ["seg", "labels"]
+    assert {f for _k, f in node.published} == {"f1"}
+    assert p.ready() == POLL_S                             # nothing new: the frame is done
+    # a stopped frame that a newer one superseded is not redone: the next step takes the newer one
+    p.on_frame(make_image(pattern_frame(48, 64, 1.0), frame_id="f2"), False)
+    p.step(pipe, should_stop=lambda: True)
+    p.on_frame(make_image(np.zeros((48, 64, 3), np.uint8), frame_id="f3"), False)
+    p.step(pipe, should_stop=lambda: False)
+    assert counter() == 3 and "f2" not in {f for _k, f in node.published}
+    assert "f3" in {f for _k, f in node.published}
+    # with perception.yield_to_questions off the step ignores should_stop
+    node.settings.values["perception.yield_to_questions"] = False
+    p.step(pipe, should_stop=lambda: True)                 # f3's segmentation, to the end
+    assert node.published[-2:] == [("seg", "f3"), ("labels", "f3")] and counter() == 3

@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     fl.add_argument("--cpu-threads", type=int, default=0, help="the node's model.cpu_threads (0: not set)")
     fl.add_argument("--warmup", type=float, default=30.0, help="seconds of flood before RSS counts")
     fl.add_argument("--settle", type=float, default=5.0, help="seconds waited after the camera stops")
+    fl.add_argument("--lifecycle-s", type=float, default=40.0,
+                    help="seconds of lifecycle transitions under load after the flood (0: skip)")
     fl.add_argument("--label", default="", help="name of this run in the report")
     fl.add_argument("--params-file", default="", help="node parameters YAML (default: the bundled one)")
     fl.add_argument("--node-pythonpath", default="",

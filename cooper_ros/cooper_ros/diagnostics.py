@@ -5,6 +5,7 @@ Counters (all since start, never reset; tests and benchmarks take differences):
   a take, or lost on the way: gaps in the publisher's sequence numbers), frames_processed,
   frames_skipped (bad / stale frames, model refused),
   frames_idle (no output wanted), frames_behind_max (newest seq - processed seq when work starts),
+  perception_preempted (a map stopped early because a question came: perception.yield_to_questions),
   depth_published, metric_depth_published, relative_depth_published, segmentation_published,
   labels_published, points_published, points_skipped (no camera_info with the frame's stamp, or
   one the node cannot use), alignment_ok, alignment_failed, queries_ok, queries_failed,
@@ -23,7 +24,7 @@ from typing import Any
 __all__ = ["Stats", "COUNTERS", "TIMINGS", "rss_mb", "diagnostic_array"]
 
 COUNTERS = ("frames_received", "frames_superseded", "frames_processed", "frames_skipped", "frames_idle",
-            "frames_behind_max", "depth_published", "metric_depth_published",
+            "frames_behind_max", "perception_preempted", "depth_published", "metric_depth_published",
             "relative_depth_published", "segmentation_published", "labels_published",
             "points_published", "points_skipped", "alignment_ok", "alignment_failed",
             "queries_ok", "queries_failed", "queries_cancelled", "model_errors")

@@ -10,8 +10,12 @@ Starts the node (separate process), then in one run:
 2. flood: WxH rgb8 frames + CameraInfo at --rate Hz for --duration s, a question every
    --query-period s (about the newest frame; the next one starts when the previous answer came
    back if that took longer), every output subscribed, node RSS and CPU sampled every second;
-3. after the camera stops: outputs still arriving (a backlog shows here), one more question,
-   then SIGINT and a look at the exit code and the log.
+3. after the camera stops: outputs still arriving (a backlog shows here), one more question;
+4. lifecycle under load (``--lifecycle-s``, 0 skips it): the camera and the questions again, and
+   meanwhile deactivate, activate, deactivate + cleanup, configure + activate; each transition's
+   result and time, what was published while inactive, how every question in the phase ended
+   (answered, refused as not active, other failure, no answer), model worker threads; then SIGINT
+   and a look at the exit code and the log.
 
 Prints frames sent / received by the node, depth outputs per second against the idle rate,
 staleness (camera stamp -> depth received) p50/p95, query latency p50/p95 against idle and
@@ -268,11 +272,16 @@ def run(args) -> int:
             "node_model_errors": diag_int(d1, "model_errors") - diag_int(d0, "model_errors"),
             "node_frames_skipped": diag_int(d1, "frames_skipped") - diag_int(d0, "frames_skipped"),
             "node_frames_behind_max": diag_int(d1, "frames_behind_max"),
+            # maps stopped because a question came (nodes without perception.yield_to_questions: None)
+            "node_perception_preempted": (diag_int(d1, "perception_preempted") - diag_int(d0, "perception_preempted")
+                                          if "perception_preempted" in d1 else None),
             "node_queries_waiting_after": diag_int(d1, "queries_waiting"),
             "node_alive_after": alive,
         }
         after = ask()
         res["after"] = {"query_ok": after[1], "query_s": after[0], "message": after[2][:200]}
+        if args.lifecycle_s > 0:
+            res["lifecycle"] = lifecycle_under_load(client, send, outs, ask, args)
     finally:
         client.close()
         t_sig = time.monotonic()
@@ -286,6 +295,96 @@ def run(args) -> int:
     report(res)
     print(f"  results: {out_path}  (node log: {out_path.with_suffix('.node.log')})")
     return 0
+
+
+def lifecycle_under_load(client, send, outs, ask, args) -> dict:
+    """Phase 4: lifecycle transitions while the camera runs at --rate and questions keep coming."""
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+
+    stop = threading.Event()
+    answers: list[tuple[bool, str]] = []
+    t0 = time.monotonic()
+
+    def camera():
+        i = 0
+        while not stop.is_set():
+            wait = t0 + i / args.rate - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            send(i)
+            i += 1
+
+    def querier():
+        while not stop.is_set():
+            _lat, ok, msg = ask()
+            answers.append((ok, msg))
+            stop.wait(args.query_period)
+
+    def outputs():
+        return len(outs["depth_relative"]) + len(outs["seg"])
+
+    def transition(name, tid):
+        req = ChangeState.Request()
+        req.transition = Transition(id=tid)
+        start = time.monotonic()
+        try:
+            ok = bool(client.call(ChangeState, "/cooper/change_state", req, timeout=120).success)
+        except TimeoutError:
+            ok = False
+        steps.append({"transition": name, "ok": ok, "seconds": round(time.monotonic() - start, 3)})
+        return ok
+
+    def wait_outputs(n0, timeout=120.0):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and outputs() <= n0:
+            time.sleep(0.05)
+        return outputs() > n0
+
+    steps: list[dict] = []
+    threads = [threading.Thread(target=f, daemon=True) for f in (camera, querier)]
+    for t in threads:
+        t.start()
+    phase = args.lifecycle_s / 4          # time given to each state before the next transition
+    res: dict = {}
+    try:
+        time.sleep(phase)
+        transition("deactivate", Transition.TRANSITION_DEACTIVATE)
+        time.sleep(0.5)                   # what was in flight has been published or dropped
+        n_off, d_off = outputs(), client.diagnostics()
+        time.sleep(phase)
+        res["outputs_while_inactive"] = outputs() - n_off
+        res["frames_taken_while_inactive"] = (int(client.diagnostics()["frames_received"])
+                                             - int(d_off["frames_received"]))
+        n_on = outputs()
+        transition("activate", Transition.TRANSITION_ACTIVATE)
+        res["outputs_after_activate"] = wait_outputs(n_on)
+        res["worker_threads_active"] = client.diagnostics().get("model_worker_threads")
+        time.sleep(phase)
+        transition("deactivate", Transition.TRANSITION_DEACTIVATE)
+        transition("cleanup", Transition.TRANSITION_CLEANUP)
+        time.sleep(0.5)
+        res["worker_threads_unconfigured"] = client.diagnostics().get("model_worker_threads")
+        n_on = outputs()
+        transition("configure", Transition.TRANSITION_CONFIGURE)
+        transition("activate", Transition.TRANSITION_ACTIVATE)
+        res["outputs_after_configure"] = wait_outputs(n_on)
+        res["worker_threads_reconfigured"] = client.diagnostics().get("model_worker_threads")
+        time.sleep(phase)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(args.query_timeout + 10)
+    final = ask()
+    refused = [m for ok, m in answers if not ok and "not active" in m]
+    timeouts = [m for ok, m in answers if not ok and m.startswith("timeout")]
+    other = [m for ok, m in answers if not ok and m not in refused and m not in timeouts]
+    res.update({"transitions": steps, "all_transitions_ok": all(x["ok"] for x in steps),
+                "questions": len(answers), "answered": sum(ok for ok, _m in answers),
+                "refused_not_active": len(refused), "timeouts": len(timeouts),
+                "other_failures": sorted({m[:120] for m in other}),
+                "question_after_ok": final[1]})
+    return res
 
 
 def report(res: dict) -> None:
@@ -322,8 +421,21 @@ def report(res: dict) -> None:
           f" (second half {_fmt(f.get('rss_slope_second_half_mb_per_min'), ' MB/min', 2)})")
     print(f"  backlog: depth outputs after the camera stopped {f['depth_outputs_after_camera_stopped']}; "
           f"frames behind max {f['node_frames_behind_max']}; queries waiting {f['node_queries_waiting_after']}")
+    if f.get("node_perception_preempted") is not None:
+        print(f"  perception steps stopped for a question {f['node_perception_preempted']}")
     print(f"  node CPU: {f['node_cpu_cores']:.2f} cores, executor (main) thread {f['node_main_thread_cpu_cores']:.2f}")
     print(f"  errors: model {f['node_model_errors']}, frames skipped {f['node_frames_skipped']}, "
           f"node alive after {f['node_alive_after']}, question after the flood ok={res['after']['query_ok']}")
+    lc = res.get("lifecycle")
+    if lc:
+        ts = ", ".join(f"{x['transition']} {'ok' if x['ok'] else 'FAILED'} {x['seconds']:.2f} s" for x in lc["transitions"])
+        print(f"  lifecycle under load: {ts}")
+        print(f"    while inactive: {lc['outputs_while_inactive']} outputs, {lc['frames_taken_while_inactive']} frames "
+              f"taken; outputs again after activate {lc['outputs_after_activate']}, after configure "
+              f"{lc['outputs_after_configure']}; model worker threads {lc['worker_threads_active']} / "
+              f"{lc['worker_threads_unconfigured']} (unconfigured) / {lc['worker_threads_reconfigured']}")
+        print(f"    questions {lc['questions']}: answered {lc['answered']}, refused as not active "
+              f"{lc['refused_not_active']}, no answer {lc['timeouts']}, other failures {lc['other_failures'] or 0}; "
+              f"question after ok={lc['question_after_ok']}")
     print(f"  shutdown: exit code {s['exit_code']} in {s['seconds']:.2f} s, log problems {s['log_problems'] or 'none'}"
           f" -> {'clean' if s['clean'] else 'NOT clean'}")

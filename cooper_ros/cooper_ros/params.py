@@ -89,6 +89,12 @@ PARAMS: list[ParamSpec] = [
     ParamSpec("perception.rate_hz", 0.0,
               "Maximum perception rate in Hz; 0 = as fast as the model allows. The node always "
               "works on the newest frame and drops the others.", min=0.0, max=1000.0),
+    ParamSpec("perception.yield_to_questions", True,
+              "A question that comes while a depth or segmentation map is being generated stops "
+              "that map at the model's next stage (prefill, denoising step, decode) and goes "
+              "first: it waits for one stage, not a whole perception step. The stopped depth "
+              "frame is dropped (taken again if no newer one came), a stopped segmentation redone "
+              "after the question; counted in perception_preempted. False: a step always finishes."),
     ParamSpec("outputs.depth", True,
               "Publish ~/depth/image (32FC1, metres) and ~/depth/camera_info, when the checkpoint's "
               "depth is metric or aligned to a metric source (alignment.source)."),

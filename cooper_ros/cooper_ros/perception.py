@@ -3,7 +3,11 @@
 The model worker asks :meth:`ready`, which takes the newest frame (and the camera_info and
 sparse messages that came with it) from the node's inputs (``intake.py``: no callbacks), and runs
 :meth:`step`. A step works on the newest frame at the moment it starts, so no backlog can build
-up; depth and segmentation of one frame are two steps (a question may run between them).
+up; depth and segmentation of one frame are two steps (a question may run between them). With
+``perception.yield_to_questions`` a step also ends early when a question comes while its map is
+being generated (the model checks between its stages): the frame's depth is dropped and the
+frame taken again unless a newer one came, a segmentation is redone after the question;
+``perception_preempted`` counts them.
 
 What is published for a frame (each only when someone subscribes):
 * ``~/depth/relative`` (32FC1, unitless [0, 1], larger = farther) and ``~/depth/colored``, always;
@@ -65,6 +69,7 @@ class Perception:
         self.camera_infos = StampBuffer(60)
         self.sparse = StampBuffer(30)
         self.intake = None             # the node's inputs while configured (cooper_ros.intake.Intake)
+        self._should_stop = None       # the step in flight's should_stop (model calls check it)
 
     # ------------------------------------------------------------------ inputs (worker thread)
     def on_frame(self, msg, compressed: bool) -> None:
@@ -108,15 +113,33 @@ class Perception:
                 return POLL_S   # no new frame yet: look again soon (a question wakes the worker at once)
         return 0.0
 
-    def step(self, pipe) -> None:
+    def step(self, pipe, should_stop=None) -> None:
+        from cooper_model.inference import GenerationInterrupted
+
+        self._should_stop = should_stop if self.node.settings["perception.yield_to_questions"] else None
         if self._pending_seg is not None:
-            frame, rgb, want, overhead = self._pending_seg
-            self._pending_seg = None
-            self._segment(pipe, frame, rgb, want, overhead)
+            pending, self._pending_seg = self._pending_seg, None
+            try:
+                self._segment(pipe, *pending)
+            except GenerationInterrupted:
+                self._pending_seg = pending      # the same frame's segmentation, after the question
+                self.node.stats.inc("perception_preempted")
             return
         with self._lock:
             frame, newest = self._frame, self._seq
-            self._taken = frame.seq
+            taken_before, self._taken = self._taken, frame.seq
+        last_start_before = self._last_start
+        try:
+            self._frame_step(pipe, frame, newest)
+        except GenerationInterrupted:
+            # nothing of this frame was published: take it again unless a newer one came, and do
+            # not charge the rate limit for the step that did not happen
+            with self._lock:
+                self._taken = taken_before
+            self._last_start = last_start_before
+            self.node.stats.inc("perception_preempted")
+
+    def _frame_step(self, pipe, frame: Frame, newest: int) -> None:
         s = self.node.settings
         want = self._wanted(s)
         if not want:
@@ -173,11 +196,14 @@ class Perception:
 
     def _infer(self, frame: Frame, task: str, fn, rgb, s):
         """One model call on a frame: its output, or None (frame skipped, reason counted)."""
+        from cooper_model.inference import GenerationInterrupted
         from cooper_model.pipeline import CooperInputError
 
         t0 = time.perf_counter()
         try:
-            out = fn(rgb, **s.generation_overrides())
+            out = fn(rgb, should_stop=self._should_stop, **s.generation_overrides())
+        except GenerationInterrupted:
+            raise                    # not a failure: the step yields to a question (see step)
         except CooperInputError as exc:
             self._skip(frame, f"model refused the frame: {exc}")
             return None

@@ -7,7 +7,10 @@ callbacks only queue work, camera input has no callback at all (this thread take
 when it wants one: ``intake.py``), and this thread runs the model:
 
 * a queued question goes first; else one perception step (depth, or segmentation) of the newest
-  frame. A question therefore waits at most for the one step in flight;
+  frame. A step is given ``should_stop()``, true as soon as a question waits (or the worker is
+  stopping): the model checks it between the stages of a map (prefill, each denoising step,
+  decode), so a question waits for the stage in flight, not for the whole step
+  (``perception.yield_to_questions``);
 * depth and segmentation of a frame are two steps, so a question can go between them;
 * nothing queues up for perception: each step takes the newest frame when it starts.
 
@@ -62,7 +65,8 @@ class ModelWorker:
     """Owns the pipeline while the node is configured; see the module docstring.
 
     ``perception_ready()`` says when a perception step can run: None (nothing to do), 0 (now)
-    or seconds to wait (rate limit); ``perception_step(pipe)`` runs one. Both are called from
+    or seconds to wait (rate limit); ``perception_step(pipe, should_stop)`` runs one, and may
+    end it early when ``should_stop()`` turns true. Both are called from
     this thread only; ``perception_ready`` is called with the worker's lock held, so it must not
     take locks that are held while calling :meth:`notify`.
     """
@@ -125,6 +129,11 @@ class ModelWorker:
     def waiting(self) -> int:
         return len(self._queue)
 
+    def should_stop_step(self) -> bool:
+        """True when the perception step in flight should end early: a question waits, or the
+        worker is stopping. Lock-free (asked many times a step); a stale answer costs one stage."""
+        return bool(self._queue) or self._stop
+
     def alive(self) -> bool:
         return self._thread.is_alive()
 
@@ -175,7 +184,7 @@ class ModelWorker:
                 return
             try:
                 if job is None:
-                    self._step(self.pipe)
+                    self._step(self.pipe, self.should_stop_step)
                     continue
                 if job.cancel_requested:
                     job.finish(exc=QueryCancelled("cancelled before it started"))
