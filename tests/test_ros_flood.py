@@ -86,7 +86,8 @@ def test_flood_60hz_with_questions(tmp_path):
 
         grew = {k: int(d1[k]) - int(d0[k]) for k in
                 ("frames_received", "frames_superseded", "depth_published", "segmentation_published", "relative_depth_published",
-                 "queries_ok", "queries_failed", "model_errors", "frames_skipped", "perception_preempted")}
+                 "queries_ok", "queries_failed", "model_errors", "frames_skipped", "perception_preempted",
+                 "query_wait_count", "query_run_count")}
         print(f"\nflood: {len(sent)} frames sent; node counters: {grew}")
         assert grew["frames_received"] > 0 and grew["depth_published"] > 0 and grew["segmentation_published"] > 0
         # the worker takes a frame when it wants one; the others are superseded in the middleware,
@@ -97,6 +98,8 @@ def test_flood_60hz_with_questions(tmp_path):
         assert answers and all(not isinstance(a, Exception) and a.success for a in answers), \
             [a if isinstance(a, Exception) else a.message for a in answers if isinstance(a, Exception) or not a.success]
         assert grew["queries_ok"] == len(answers) and grew["queries_failed"] == 0
+        # every answered question was timed twice: its wait for the worker and its run
+        assert grew["query_wait_count"] == grew["query_run_count"] == len(answers)
         # a map is stopped early only for a waiting question, at most once per question
         assert grew["perception_preempted"] <= len(answers)
         for name, q in outs.items():     # newest frame only: sent frames, in order, each once

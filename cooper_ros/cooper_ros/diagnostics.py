@@ -12,7 +12,9 @@ Counters (all since start, never reset; tests and benchmarks take differences):
   queries_cancelled, model_errors.
 Gauges: queries_waiting (questions queued for the model), model_worker_threads (0 or 1).
 Timings (seconds: *_last_s, *_mean_s, *_max_s, *_count): decode, model_depth, model_seg,
-  publish, overhead (decode + publish), end_to_end (camera stamp -> depth published), query.
+  publish, overhead (decode + publish), end_to_end (camera stamp -> depth published), query
+  (request -> answer), query_wait (request -> the model worker starts it), query_run (the
+  worker's time on it, answered questions).
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ COUNTERS = ("frames_received", "frames_superseded", "frames_processed", "frames_
             "relative_depth_published", "segmentation_published", "labels_published",
             "points_published", "points_skipped", "alignment_ok", "alignment_failed",
             "queries_ok", "queries_failed", "queries_cancelled", "model_errors")
-TIMINGS = ("decode", "model_depth", "model_seg", "publish", "overhead", "end_to_end", "query")
+TIMINGS = ("decode", "model_depth", "model_seg", "publish", "overhead", "end_to_end", "query",
+           "query_wait", "query_run")
 
 
 def rss_mb() -> float:

@@ -6,7 +6,10 @@ Starts the node (separate process), then in one run:
 
 1. idle baseline: frames sent one at a time (the node idle when each arrives) give the time of
    one perception cycle (depth + segmentation, all outputs subscribed) and the model's idle
-   rate; questions asked with no camera running give the idle query latency;
+   rate; questions asked with no camera running give the idle query latency; the same questions
+   with the camera running at --rate and perception off give the latency under the camera's
+   CPU load alone, with nothing for the question to wait for (what the machine costs, apart from
+   what the node's scheduling costs);
 2. flood: WxH rgb8 frames + CameraInfo at --rate Hz for --duration s, a question every
    --query-period s (about the newest frame; the next one starts when the previous answer came
    back if that took longer), every output subscribed, node RSS and CPU sampled every second;
@@ -61,7 +64,7 @@ def run(args) -> int:
 
     from cooper_interfaces.srv import SpatialQuery
 
-    from .testing import NodeProcess, RosClient, SyntheticCamera, request
+    from .testing import NodeProcess, RosClient, SyntheticCamera, request, set_param
 
     W, H = args.width, args.height
     out_path = Path(args.json)
@@ -147,13 +150,41 @@ def run(args) -> int:
             print(f"idle queries failed: {bad}", file=sys.stderr)
             return 1
         idle_lat = [lat for lat, _ok, _m in idle_q]
+        d_q = client.diagnostics()
+
+        # the same questions beside the running camera, perception off: the camera's CPU load alone
+        cam_stop = threading.Event()
+
+        def camera_only():
+            i, t_cam = 0, time.monotonic()
+            while not cam_stop.is_set():
+                wait = t_cam + i / args.rate - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                send(i)
+                i += 1
+        set_param(client, "perception.enabled", False)
+        cam = threading.Thread(target=camera_only, daemon=True)
+        cam.start()
+        time.sleep(2.0)
+        camera_q = [ask() for _ in range(args.idle_queries)]
+        cam_stop.set()
+        cam.join(10)
+        set_param(client, "perception.enabled", True)
+        camera_lat = [lat for lat, ok, _m in camera_q if ok]
         res["idle"] = {"perception_cycle_s": idle_cycle, "model_rate_hz": 1.0 / idle_cycle,
                        "depth_step_s": idle_depth_step, "seg_step_s": idle_seg_step,
                        "query_p50_s": statistics.median(idle_lat), "query_p95_s": _pct(idle_lat, 0.95),
-                       "query_max_s": max(idle_lat)}
+                       "query_max_s": max(idle_lat),
+                       "query_run_mean_s": (mean_delta(d_q, d_idle, "query_run")
+                                            if "query_run_count" in d_q else None),
+                       "camera_only_query_p50_s": statistics.median(camera_lat) if camera_lat else None,
+                       "camera_only_query_max_s": max(camera_lat) if camera_lat else None,
+                       "camera_only_failed": len(camera_q) - len(camera_lat)}
         print(f"[flood] idle: perception cycle {idle_cycle:.3f} s ({1 / idle_cycle:.2f} Hz; depth step "
               f"{idle_depth_step:.3f} s, segmentation step {idle_seg_step:.3f} s), query p50 "
-              f"{res['idle']['query_p50_s']:.3f} s", flush=True)
+              f"{res['idle']['query_p50_s']:.3f} s; beside the camera, perception off, p50 "
+              f"{_fmt(res['idle']['camera_only_query_p50_s'], ' s')}", flush=True)
 
         # ---- 2. flood
         d0 = client.diagnostics()
@@ -261,6 +292,15 @@ def run(args) -> int:
             "queries_over_bound": sum(1 for x in lat if x > bound),
             "query_bound_idle_max_plus_one_step_s": bound_max,
             "queries_over_bound_idle_max": sum(1 for x in lat if x > bound_max),
+            # the same bound from the camera-only baseline: what the node's scheduling adds
+            "query_bound_camera_only_max_plus_one_step_s": (res["idle"]["camera_only_query_max_s"] + one_step
+                                                            if res["idle"]["camera_only_query_max_s"] else None),
+            "queries_over_bound_camera_only_max": (sum(1 for x in lat if x > res["idle"]["camera_only_query_max_s"] + one_step)
+                                                   if res["idle"]["camera_only_query_max_s"] else None),
+            # the node's split of a question's latency (nodes without these timings: None)
+            "query_wait_mean_s": mean_delta(d1, d0, "query_wait") if "query_wait_count" in d1 else None,
+            "query_wait_max_s": float(d1["query_wait_max_s"]) if "query_wait_max_s" in d1 else None,
+            "query_run_mean_s": mean_delta(d1, d0, "query_run") if "query_run_count" in d1 else None,
             "rss_mb_start": post[0][1] if post else None, "rss_mb_end": post[-1][1] if post else None,
             "rss_mb_max": max(m for _, m in post) if post else None, "rss_slope_mb_per_min": slope_mb_per_min(post),
             # the second half alone: growth that levels off (allocator warm-up) shows here
@@ -415,6 +455,14 @@ def report(res: dict) -> None:
     if "query_bound_idle_max_plus_one_step_s" in f:
         print(f"  queries above idle max + one step    {f['queries_over_bound_idle_max']} of {f['queries']}  (idle max "
               f"{i['query_max_s']:.3f} s + one step = {f['query_bound_idle_max_plus_one_step_s']:.3f} s)")
+    if f.get("query_bound_camera_only_max_plus_one_step_s"):
+        print(f"  queries above camera-only max + step {f['queries_over_bound_camera_only_max']} of {f['queries']}  "
+              f"(camera running, perception off: p50 {i['camera_only_query_p50_s']:.3f} s, max "
+              f"{i['camera_only_query_max_s']:.3f} s; + one step = {f['query_bound_camera_only_max_plus_one_step_s']:.3f} s)")
+    if f.get("query_wait_mean_s") is not None:
+        print(f"  question waits for the model, mean / max {f['query_wait_mean_s']:.3f} s / {f['query_wait_max_s']:.3f} s"
+              f"  (one perception step {max(i['depth_step_s'], i['seg_step_s']):.3f} s); model time on it, mean "
+              f"{f['query_run_mean_s']:.3f} s (idle {_fmt(i.get('query_run_mean_s'), ' s')})")
     print(f"  queries ok / failed                  {f['queries_ok']} / {f['queries_failed']} {f['query_failures'] or ''}")
     print(f"  node RSS start / end / max, slope    {_fmt(f['rss_mb_start'], ' MB', 0)} / {_fmt(f['rss_mb_end'], ' MB', 0)}"
           f" / {_fmt(f['rss_mb_max'], ' MB', 0)}, {_fmt(f['rss_slope_mb_per_min'], ' MB/min', 2)}"

@@ -126,7 +126,7 @@ class QueryServer:
                 if executor is not None:
                     executor.wake()
 
-            job = QueryJob(lambda pipe: self._run(pipe, req, resp, s, on_event), on_done)
+            job = QueryJob(lambda pipe: self._run(pipe, req, resp, s, on_event, t0), on_done)
             if goal_id is not None:
                 self._jobs[goal_id] = job
             worker.submit(job)
@@ -197,11 +197,15 @@ class QueryServer:
         except ic.ImageConversionError as exc:
             raise _Refused(f"newest camera frame is unusable: {exc}") from exc
 
-    def _run(self, pipe, req, resp, s, on_event) -> None:
+    def _run(self, pipe, req, resp, s, on_event, t_request: float) -> None:
         """The model part (worker thread)."""
         from cooper_model.pipeline import CooperInputError
 
         node = self.node
+        t_start = time.monotonic()
+        # the wait for the worker (the map in flight, questions before it) apart from the run
+        # itself: latency = query_wait + query_run (+ the executor's hand-over)
+        node.stats.time("query_wait", t_start - t_request)
         if not node.active:
             raise _Refused(f"node is not active (lifecycle state: {node.state_label})")
         rgb, header = self._image(req, s)
@@ -234,6 +238,7 @@ class QueryServer:
             resp.auxiliary_image_names = [clean_text(n) for n, _im in out.images]
         resp.image_stamp = TimeMsg(sec=header.stamp.sec, nanosec=header.stamp.nanosec)
         resp.image_frame_id = header.frame_id
+        node.stats.time("query_run", time.monotonic() - t_start)
 
     def _fail(self, resp, t0: float, text: str, level: str = "warning") -> None:
         resp.success = False
