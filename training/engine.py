@@ -177,7 +177,8 @@ def export_checkpoint(model, vae, tokenizer, out: str | Path, stage: str, card: 
 class Trainer:
     """Runs `objective(pack) -> {"loss_sum": tensor, "count": int, **metrics}` over packs made by
     `make_packs(indices, step) -> (packs, count)`, where `count` is this process's loss normaliser
-    (tokens) for the step. The objective is an nn.Module so accelerate can wrap it (DDP, FSDP,
+    (tokens) for the step. An objective may add `"loss_mean"`, a term it has normalised itself over
+    an equal share per process (SFT's stage-1 replay). The objective is an nn.Module so accelerate can wrap it (DDP, FSDP,
     DeepSpeed)."""
 
     def __init__(self, cfg: TrainConfig, objective: torch.nn.Module, num_examples: int, accelerator=None):
@@ -285,10 +286,15 @@ class Trainer:
                     # sum over this process's tokens / tokens of the whole step; DDP then averages
                     # over processes, hence the factor `world`
                     loss = out["loss_sum"] * (world / max(total, 1.0))
+                    if "loss_mean" in out:
+                        # a second term already averaged over this process's share of its own tokens
+                        # (equal shares: DDP's mean makes it the step's mean)
+                        loss = loss + out["loss_mean"]
                     acc.backward(loss)
                 loss_value += float(out["loss_sum"].detach()) / max(total, 1.0)
+                loss_value += float(out["loss_mean"].detach()) / world if "loss_mean" in out else 0.0
                 for k, v in out.items():
-                    if k not in ("loss_sum", "count"):
+                    if k not in ("loss_sum", "loss_mean", "count"):
                         metrics[k] = metrics.get(k, 0.0) + float(v)
             grad_norm = acc.clip_grad_norm_(self.objective.parameters(), cfg.grad_clip) if cfg.grad_clip else None
             self.optimizer.step()
