@@ -27,8 +27,8 @@ which its `direct` baseline measures, so the recipe trains it here.
 `stage1_replay: N` trains N stage-1 examples (a depth or segmentation map generated from the RGB,
 the flow-matching loss of `training.stage1`) in every step beside the text, the two losses summed
 (`stage1_replay_weight` on the second). Every map reads its prompt and image through the
-understanding expert, which the text loss moves; without replay the small model's SFT trial lost
-an eighth of its depth accuracy and 40 % of its mIoU (training/README.md).
+understanding expert, which the text loss moves; without replay the small model's SFT trial took
+its maps from aligned AbsRel 0.254 to 0.291 and mIoU 0.110 to 0.066 (training/README.md).
 """
 
 from __future__ import annotations
