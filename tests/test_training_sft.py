@@ -214,19 +214,13 @@ def test_sft_smoke_trains_and_exports_a_loadable_checkpoint(tmp_path):
 def _stage1_loss(checkpoint: Path, tokenizer) -> float:
     """Mean flow-matching loss of a checkpoint on every depth example of the sample split at t = 1,
     with fixed noise: the error of the one-step map."""
-    from training.engine import TrainConfig
-    from training.stage1 import DEFAULTS as STAGE1_DEFAULTS
-    from training.stage1 import Stage1Batches, Stage1Objective
-    from training.stage1_data import Stage1Dataset
+    from training.stage1 import Stage1Objective, one_step_batches
 
     model, vae = load_model(checkpoint).eval(), load_autoencoder(checkpoint)
-    c = model.config
-    dataset = Stage1Dataset(SAMPLE, c.vae_transform, c.depth_range, np.zeros((1, 3)), tasks=("depth",))
-    cfg = TrainConfig(seed=5, extra={**STAGE1_DEFAULTS, "one_step_fraction": 1.0, "flip": False})
-    batches = Stage1Batches(dataset, model, vae, tokenizer, cfg)
+    batches = one_step_batches(model, vae, tokenizer, SAMPLE, seed=5)
     total = count = 0.0
     with torch.no_grad():
-        for i in range(len(dataset)):
+        for i in range(len(batches.dataset)):
             seq, target = batches.example(i, 0)
             out = Stage1Objective(model)({"seq": seq, "target": target})
             total, count = total + float(out["loss_sum"]), count + out["count"]

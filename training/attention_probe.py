@@ -31,10 +31,7 @@ from cooper_model.checkpoint import load_autoencoder, load_model
 from cooper_model.packing import forward_packed
 from cooper_model.tokenizer import load_tokenizer
 
-from .engine import TrainConfig
-from .stage1 import DEFAULTS as STAGE1_DEFAULTS
-from .stage1 import Stage1Batches
-from .stage1_data import Stage1Dataset
+from .stage1 import one_step_batches
 
 
 @contextlib.contextmanager
@@ -83,15 +80,12 @@ def probe_example(model, seq) -> dict[str, np.ndarray]:
 def probe(checkpoint: str, data_dir: str, examples: int = 8, seed: int = 0, tokenizer=None) -> dict:
     model = load_model(checkpoint).eval()
     vae, tokenizer = load_autoencoder(checkpoint), tokenizer or load_tokenizer(checkpoint)
-    c = model.config
-    palette = np.asarray(c.palette if c.palette else [[0, 0, 0]])
-    dataset = Stage1Dataset(data_dir, c.vae_transform, c.depth_range, palette, tasks=("depth",))
-    cfg = TrainConfig(seed=seed, extra={**STAGE1_DEFAULTS, "one_step_fraction": 1.0, "flip": False})
-    batches = Stage1Batches(dataset, model, vae, tokenizer, cfg)
-    picks = np.random.default_rng(seed).permutation(len(dataset))[:examples]
-    runs = [probe_example(model, batches.example(int(i), 0)[0]) for i in picks]
+    batches = one_step_batches(model, vae, tokenizer, data_dir, seed)
+    picks = np.random.default_rng(seed).permutation(len(batches.dataset))[:examples]
+    seqs = [batches.example(int(i), 0)[0] for i in picks]
+    runs = [probe_example(model, seq) for seq in seqs]
     mean = {k: np.mean([r[k] for r in runs], axis=0) for k in runs[0]}
-    return {"checkpoint": str(checkpoint), "examples": len(runs), "clean_tokens": int(batches.example(int(picks[0]), 0)[1].shape[0]),
+    return {"checkpoint": str(checkpoint), "examples": len(runs), "clean_tokens": len(seqs[0].noisy_latent_index),
             **{k: np.round(v, 4).tolist() for k, v in mean.items()}}
 
 

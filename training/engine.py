@@ -178,8 +178,8 @@ class Trainer:
     """Runs `objective(pack) -> {"loss_sum": tensor, "count": int, **metrics}` over packs made by
     `make_packs(indices, step) -> (packs, count)`, where `count` is this process's loss normaliser
     (tokens) for the step. An objective may add `"loss_mean"`, a term it has normalised itself over
-    an equal share per process (SFT's stage-1 replay). The objective is an nn.Module so accelerate can wrap it (DDP, FSDP,
-    DeepSpeed)."""
+    an equal share per process (SFT's stage-1 replay). The objective is an nn.Module so accelerate
+    can wrap it (DDP, FSDP, DeepSpeed)."""
 
     def __init__(self, cfg: TrainConfig, objective: torch.nn.Module, num_examples: int, accelerator=None):
         from accelerate import Accelerator, DistributedDataParallelKwargs

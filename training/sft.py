@@ -241,13 +241,8 @@ class Stage1Replay:
         unknown = set(x["stage1_replay_options"] or {}) - set(STAGE1_DEFAULTS)
         if unknown:
             raise ValueError(f"unknown stage1_replay_options {sorted(unknown)}")
-        config, tasks = model.config, tuple(x["stage1_replay_tasks"])
-        if "segmentation" in tasks and not config.palette:
-            raise ValueError("stage1_replay: the checkpoint declares no palette, so its segmentation colours are "
-                             "unknown; replay depth only (stage1_replay_tasks=[depth])")
-        palette = np.asarray(config.palette if config.palette else [[0, 0, 0]])
-        dataset = Stage1Dataset(x["stage1_replay_data_dir"] or x["data_dir"], config.vae_transform,
-                                config.depth_range, palette, tasks=tasks)
+        dataset = Stage1Dataset.for_model(x["stage1_replay_data_dir"] or x["data_dir"], model.config,
+                                          tasks=tuple(x["stage1_replay_tasks"]))
         state = PartialState()
         self.rank, self.world = state.process_index, state.num_processes
         self.count, self.weight, self.seed = int(x["stage1_replay"]), float(x["stage1_replay_weight"]), cfg.seed

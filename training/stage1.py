@@ -172,6 +172,15 @@ class Stage1Batches:
         return packs, count
 
 
+def one_step_batches(model: CooperModel, vae: FluxAutoencoder, tokenizer, data_dir, seed: int = 0,
+                     tasks=("depth",)) -> Stage1Batches:
+    """Stage-1 examples for measuring a checkpoint: every target at t = 1 (the one-step map; the
+    image is its only source), no flips or dropout, noise fixed by (seed, example)."""
+    dataset = Stage1Dataset.for_model(data_dir, model.config, tasks=tasks)
+    return Stage1Batches(dataset, model, vae, tokenizer,
+                         TrainConfig(seed=seed, extra={**DEFAULTS, "one_step_fraction": 1.0, "flip": False}))
+
+
 def build(cfg: TrainConfig):
     x = {**DEFAULTS, **cfg.extra}
     unknown = set(cfg.extra) - set(DEFAULTS)
@@ -209,7 +218,7 @@ def build(cfg: TrainConfig):
     model.language_model.lm_head.weight.requires_grad_(False)
     model.latent_pos_embed.pos_embed.requires_grad_(False)
     model.vit_pos_embed.pos_embed.requires_grad_(False)
-    dataset = Stage1Dataset(x["data_dir"], config.vae_transform, config.depth_range, np.asarray(config.palette))
+    dataset = Stage1Dataset.for_model(x["data_dir"], config)
     model.train()
     return model, vae, tokenizer, dataset
 

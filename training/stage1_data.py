@@ -71,6 +71,15 @@ class Stage1Dataset:
         self.palette = np.asarray(palette, dtype=np.uint8)
         self.flip = flip
 
+    @classmethod
+    def for_model(cls, data_dir: str | Path, config, tasks=("depth", "segmentation"), flip: bool = False) -> "Stage1Dataset":
+        """The split as `config`'s model sees it (its VAE transform, depth range and palette)."""
+        if "segmentation" in tasks and not config.palette:
+            raise ValueError("the checkpoint declares no palette, so its segmentation colours are unknown; "
+                             "use depth only (tasks [depth])")
+        palette = np.asarray(config.palette if config.palette else [[0, 0, 0]])  # depth never reads it
+        return cls(data_dir, config.vae_transform, config.depth_range, palette, tasks=tasks, flip=flip)
+
     def __len__(self) -> int:
         return len(self.rows)
 
