@@ -42,3 +42,27 @@ def test_probe_accounts_for_every_target_token_attention():
     assert (parts[0] > 0).all()  # the target tokens do see the clean image tokens
     own = np.array(result["own_position"])
     assert np.isfinite(own).all() and (own > 0).all() and (own < result["clean_tokens"]).all()
+
+
+def test_position_lookup_init_makes_target_tokens_read_the_vit_token_at_their_position():
+    """From scratch, `attention_init: position_lookup` starts one query head per key group of every
+    layer as a lookup of the ViT token at the target's own grid position; default init reads the
+    ViT's average. Measured by the probe on the bundled preset's sizes (ViT grid = latent grid)."""
+    from training.attention_probe import probe_model
+    from training.engine import TrainConfig
+    from training.stage1 import build
+
+    bundled = ROOT / "cooper_model" / "checkpoints" / "cooper-small"
+
+    def vit_own(init):
+        cfg = TrainConfig.from_yaml(None, [f"data_dir={SAMPLE}", f"autoencoder={bundled}", f"tokenizer={bundled}",
+                                           f"attention_init={init}", "threads=1"])
+        model, vae, tokenizer, _ = build(cfg)
+        result = probe_model(model.eval(), vae, tokenizer, SAMPLE, examples=2)
+        return np.array(result["vit_own_position"]), np.array(result["vit"])  # [layers, heads]
+
+    own, mass = vit_own("position_lookup")
+    lookup_heads = [0, 3]  # the first query head of each of the 2 key groups
+    assert (own[:, lookup_heads] > 5).all() and (mass[:, lookup_heads] > 0.5).all()
+    own, _ = vit_own("default")
+    assert (own < 2).all()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from cooper_model.checkpoint import load_autoencoder
 from cooper_model.prompts import DEPTH_PROMPT
 from cooper_model.tokenizer import SpecialTokens
@@ -35,3 +37,19 @@ def test_autoencoder_trainer_writes_a_loadable_flux_layout_and_its_report(tmp_pa
     assert ae.config.norm_num_groups == 8  # read back from the config written beside the weights
     report = json.loads((tmp_path / "ae_report.json").read_text())
     assert {"rgb_psnr_db", "depth_absrel", "segmentation_label_accuracy"} <= set(report)
+
+
+def test_decoder_only_fine_tune_keeps_the_encoder_and_so_the_latent_space(tmp_path):
+    from training.autoencoder import main
+
+    base = tmp_path / "base"
+    main(["--data", str(SAMPLE), "--out", str(base), "--steps", "2", "--batch", "2", "--crop", "32", "--threads", "1"])
+    tuned = tmp_path / "tuned"
+    main(["--data", str(SAMPLE), "--out", str(tuned), "--steps", "3", "--batch", "2", "--crop", "32", "--threads", "1",
+          "--init-from", str(base), "--decoder-only"])
+    before, after = load_autoencoder(base).state_dict(), load_autoencoder(tuned).state_dict()
+    encoder = [k for k in before if ".encoder." in f".{k}"]
+    decoder = [k for k in before if ".decoder." in f".{k}"]
+    assert encoder and decoder
+    assert all(torch.equal(before[k], after[k]) for k in encoder)
+    assert any(not torch.equal(before[k], after[k]) for k in decoder)

@@ -11,6 +11,8 @@ is the only source) through the packed forward and reports, per decoder layer an
 * `own_position`: the weight on the clean VAE token at the target's own position divided by the
   mean weight on a clean VAE token. 1 = no spatial correspondence (the token reads the image's
   average); a sharp lookup among N clean tokens approaches N.
+* `vit_own_position`: the same over the ViT tokens, where their grid is the latent grid (the small
+  preset's: 16 px latent tokens, 14 px ViT patches of the image resized by 7/8); NaN elsewhere.
 
 The shipped stage-1 cooper-small scores 0.7-2.0 in every head (108 clean tokens): it makes the
 same room-average map for every view. Watch this number rise in a run that is learning objects.
@@ -55,6 +57,12 @@ def recorded_attention(length: int):
         yield probs
 
 
+def own_position(weights: torch.Tensor) -> torch.Tensor:
+    """[heads, n, n] weights of n targets on n same-grid tokens -> per head: the weight on the
+    token at the target's own position over the mean weight on one."""
+    return torch.diagonal(weights, dim1=1, dim2=2).mean(-1) / weights.mean((1, 2))
+
+
 def probe_example(model, seq) -> dict[str, np.ndarray]:
     """Per layer x head: attention mass of the target tokens on each part, and `own_position`."""
     n = len(seq.noisy_latent_index)
@@ -65,14 +73,16 @@ def probe_example(model, seq) -> dict[str, np.ndarray]:
     vit = torch.tensor(seq.vit_index, dtype=torch.long)
     with torch.no_grad(), recorded_attention(seq.length) as probs:
         forward_packed(model, seq)
-    out = {k: [] for k in ("clean_vae", "vit", "target", "rest", "own_position")}
+    out = {k: [] for k in ("clean_vae", "vit", "target", "rest", "own_position", "vit_own_position")}
     for p in probs:  # [heads, length, length]
         rows = p[:, noisy]
         on_clean = rows[:, :, clean]
         out["clean_vae"].append(on_clean.sum(-1).mean(-1))
         out["vit"].append(rows[:, :, vit].sum(-1).mean(-1) if len(vit) else torch.zeros(p.shape[0]))
         out["target"].append(rows[:, :, noisy].sum(-1).mean(-1))
-        out["own_position"].append(torch.diagonal(on_clean, dim1=1, dim2=2).mean(-1) / on_clean.mean((1, 2)))
+        out["own_position"].append(own_position(on_clean))
+        out["vit_own_position"].append(own_position(rows[:, :, vit]) if len(vit) == n
+                                       else torch.full((p.shape[0],), float("nan")))
     out["rest"] = [1 - a - b - c for a, b, c in zip(out["clean_vae"], out["vit"], out["target"])]
     return {k: torch.stack(v).numpy() for k, v in out.items()}
 
@@ -80,12 +90,16 @@ def probe_example(model, seq) -> dict[str, np.ndarray]:
 def probe(checkpoint: str, data_dir: str, examples: int = 8, seed: int = 0, tokenizer=None) -> dict:
     model = load_model(checkpoint).eval()
     vae, tokenizer = load_autoencoder(checkpoint), tokenizer or load_tokenizer(checkpoint)
+    return {"checkpoint": str(checkpoint), **probe_model(model, vae, tokenizer, data_dir, examples, seed)}
+
+
+def probe_model(model, vae, tokenizer, data_dir: str, examples: int = 8, seed: int = 0) -> dict:
     batches = one_step_batches(model, vae, tokenizer, data_dir, seed)
     picks = np.random.default_rng(seed).permutation(len(batches.dataset))[:examples]
     seqs = [batches.example(int(i), 0)[0] for i in picks]
     runs = [probe_example(model, seq) for seq in seqs]
     mean = {k: np.mean([r[k] for r in runs], axis=0) for k in runs[0]}
-    return {"checkpoint": str(checkpoint), "examples": len(runs), "clean_tokens": len(seqs[0].noisy_latent_index),
+    return {"examples": len(runs), "clean_tokens": len(seqs[0].noisy_latent_index),
             **{k: np.round(v, 4).tolist() for k, v in mean.items()}}
 
 
@@ -99,9 +113,10 @@ def main(argv=None):
     result = probe(args.checkpoint, args.data, args.examples)
     print(f"{result['checkpoint']}: {result['examples']} depth examples at t = 1, {result['clean_tokens']} clean tokens "
           "(own_position 1 = no correspondence)")
-    for layer, own in enumerate(result["own_position"]):
+    for layer, (own, vit_own) in enumerate(zip(result["own_position"], result["vit_own_position"])):
         parts = " ".join(f"{k} {np.mean(result[k][layer]):.2f}" for k in ("clean_vae", "vit", "target", "rest"))
-        print(f"  layer {layer}: own_position per head {' '.join(f'{x:.2f}' for x in own)}; mass {parts}")
+        print(f"  layer {layer}: own_position per head {' '.join(f'{x:.2f}' for x in own)}; "
+              f"on the ViT {' '.join(f'{x:.1f}' for x in vit_own)}; mass {parts}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

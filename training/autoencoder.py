@@ -8,6 +8,12 @@ segmentation colour images, in equal parts. The encoder *samples* its latent (up
 `sample=True` even at inference), so the decoder is trained on samples too; a small KL term keeps
 the latent near the scale that `scale_factor`/`shift_factor` expect. Writes `ae.safetensors`
 (the released layout) and `ae_report.json` with the round-trip quality.
+
+    python -m training.autoencoder --data runs/data/train --out runs/ae_dec --init-from CKPT --decoder-only
+
+fine-tunes only the decoder of an existing autoencoder. The encoder, and so the latent space a
+stage-1 model was trained in, stays exactly as it was: the model keeps working and its maps are
+decoded better.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from tqdm.auto import tqdm
 
 from cooper_model import image_processor as ip
 from cooper_model.autoencoder import FluxAutoencoder
+from cooper_model.checkpoint import load_autoencoder
 from cooper_model.codecs import SegmentationCodec, default_palette
 from cooper_model.config import preset
 
@@ -90,6 +97,9 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--kl-weight", type=float, default=1e-6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init-from", default=None, help="a directory with ae.safetensors to start from")
+    parser.add_argument("--decoder-only", action="store_true",
+                        help="train the decoder alone (needs --init-from): the latent space stays as it was")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads:
@@ -99,8 +109,12 @@ def main(argv=None):
     palette = np.asarray(config.palette, dtype=np.uint8) if config.palette else default_palette(len(CLASS_NAMES))
     class_names = config.class_names or list(CLASS_NAMES)
     dataset = Stage1Dataset(args.data, config.vae_transform, config.depth_range, palette)
-    ae = FluxAutoencoder(config.vae).train()
-    opt = torch.optim.AdamW(ae.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    if args.decoder_only and not args.init_from:
+        parser.error("--decoder-only needs --init-from (a trained encoder to keep)")
+    ae = (load_autoencoder(args.init_from) if args.init_from else FluxAutoencoder(config.vae)).train()
+    if args.decoder_only:
+        ae.model.encoder.requires_grad_(False).eval()
+    opt = torch.optim.AdamW([p for p in ae.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     warmup = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
     rng = np.random.default_rng(args.seed)
@@ -112,14 +126,15 @@ def main(argv=None):
     bar = tqdm(range(args.steps), desc="autoencoder")
     for step in bar:
         x = training_crops(dataset, rng, args.batch, args.crop)
-        moments = ae.model.encoder(x)
+        with torch.set_grad_enabled(not args.decoder_only):
+            moments = ae.model.encoder(x)
         mean, logvar = torch.chunk(moments, 2, dim=1)
         logvar = logvar.clamp(-30, 20)
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
         rec = ae.model.decoder(z)
         l1 = (rec - x).abs().mean()
         kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()
-        loss = l1 + F.mse_loss(rec, x) + args.kl_weight * kl
+        loss = l1 + F.mse_loss(rec, x) + (0.0 if args.decoder_only else args.kl_weight) * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
@@ -139,7 +154,7 @@ def main(argv=None):
     report.update(steps=args.steps, batch=args.batch, crop=args.crop, seconds=round(time.time() - start, 1),
                   command="python -m training.autoencoder " + " ".join(argv or __import__("sys").argv[1:]))
     # the group count is not in the tensor shapes: record the autoencoder's config beside it
-    (out / "cooper_config.json").write_text(json.dumps({"vae": dataclasses.asdict(config.vae)}, indent=2) + "\n")
+    (out / "cooper_config.json").write_text(json.dumps({"vae": dataclasses.asdict(ae.config)}, indent=2) + "\n")
     (out / "ae_report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 

@@ -47,6 +47,9 @@ DEFAULTS = dict(
     depth_kind="metric",
     timestep_shift=1.0,
     one_step_fraction=0.0,  # share of examples trained at t = 1 exactly: the one-step map (E2E-FT)
+    attention_init="default",  # or "position_lookup" (see position_lookup_init)
+    position_lookup_gain=1.5,
+    reconstruction_fraction=0.0,  # share of examples whose target is the RGB image itself (see below)
     text_dropout=0.0,
     vit_dropout=0.0,
     vae_dropout=0.0,
@@ -58,9 +61,51 @@ DEFAULTS = dict(
 )
 
 
+RECONSTRUCTION_PROMPT = "Reproduce the image."
+
+
 def logit_normal_t(rng: np.random.Generator, shift: float) -> float:
     t = 1.0 / (1.0 + math.exp(-rng.standard_normal()))
     return shift * t / (1 + (shift - 1) * t)
+
+
+@torch.no_grad()
+def position_lookup_init(model: CooperModel, gain: float = 1.5) -> None:
+    """Start one query head per key group of every layer as a lookup of the ViT token at the
+    query's own grid position (from scratch only).
+
+    A map token must read the image at its own position. Both the latent and the ViT tokens carry
+    the same fixed 2-D sin-cos table, but its channels are mostly low frequencies, so two positions'
+    embeddings have cosine 0.77-0.98 over the grid: random q/k projections cannot tell them apart,
+    and the model never learned to (training/README.md, the attention probe). Here the generation
+    expert's query and the understanding expert's key of that head project both onto the table's
+    highest frequencies (sin and cos of column and row), so q.k peaks at the same position. The key
+    is the understanding expert's, which the ViT tokens use and the target tokens do not: a target
+    token does not find itself (or the other noise tokens) as a generation-expert twin would. The
+    q/k norm gains set the lookup's sharpness.
+    """
+    llm = model.language_model.model
+    head_dim, hidden = llm.layers[0].self_attn.head_dim, model.config.hidden_size
+    quarter = hidden // 4  # [sin | cos] of the column, then of the row
+    freqs = head_dim // 4
+    if freqs < 1 or hidden % 4:
+        raise ValueError(f"position_lookup_init needs head_dim >= 4 and hidden % 4 == 0 (got {head_dim}, {hidden})")
+    dims = torch.tensor([block * quarter + i for block in range(4) for i in range(freqs)])
+    lookup = torch.zeros(head_dim, hidden)
+    lookup[torch.arange(head_dim), dims] = 0.1  # the scale is normalised away by q/k norm
+    for layer in llm.layers:
+        attn = layer.self_attn
+        n_kv = attn.k_proj.weight.shape[0] // head_dim
+        group = attn.q_proj_moe_gen.weight.shape[0] // head_dim // n_kv
+        for kv in range(n_kv):
+            k_rows = slice(kv * head_dim, (kv + 1) * head_dim)
+            q_rows = slice(kv * group * head_dim, (kv * group + 1) * head_dim)  # the group's first query head
+            attn.k_proj.weight[k_rows] = lookup
+            attn.k_proj.bias[k_rows] = 0
+            attn.q_proj_moe_gen.weight[q_rows] = lookup
+            attn.q_proj_moe_gen.bias[q_rows] = 0
+        attn.q_norm_moe_gen.weight.fill_(gain)
+        attn.k_norm.weight.fill_(gain)
 
 
 class LatentCache:
@@ -144,9 +189,17 @@ class Stage1Batches:
             # as the pipeline does: the ViT copy is resized from the VAE-sized image
             vit = ip.to_tensor(ip.resize(ex.rgb, c.vit_transform))
             seq.add_vit_image(vit, c.vit.patch_size, c.vit_max_num_patch_per_side)
+        if x["reconstruction_fraction"] > 0 and rng.random() < x["reconstruction_fraction"]:
+            # The image as its own target: only a lookup of the clean token at the same position
+            # lowers this loss, so it teaches the position correspondence the maps need.
+            target_key, target = (row["rgb_image"], flip), ip.to_tensor(ex.rgb)
+            prompt = RECONSTRUCTION_PROMPT
+        else:
+            target_key, target = (row.get("depth_image") or row.get("label_image"), flip), ex.target
+            prompt = ex.prompt
         if not drop_text:
-            seq.add_text(self._ids(ex.prompt))
-        x0 = self._latent((row.get("depth_image") or row.get("label_image"), flip), ex.target, g)
+            seq.add_text(self._ids(prompt))
+        x0 = self._latent(target_key, target, g)
         # t = 1 is pure noise: the step a one-step sampler takes, so its loss is the one-step map's
         # error (Marigold E2E-FT trains that step alone). The extra draw only when enabled, so runs
         # without it keep their example streams.
@@ -189,6 +242,8 @@ def build(cfg: TrainConfig):
     cfg.extra = x
     if not x["data_dir"]:
         raise ValueError("data_dir is required")
+    if x["attention_init"] not in ("default", "position_lookup"):
+        raise ValueError(f"unknown attention_init {x['attention_init']!r} (default, position_lookup)")
     torch.manual_seed(cfg.seed)
     if x["init_from"]:
         model = load_model(x["init_from"], dtype=x["dtype"]).train()
@@ -197,6 +252,8 @@ def build(cfg: TrainConfig):
         config = preset(x["preset"])
         model = CooperModel(config)
         model.language_model.init_moe()
+    if x["attention_init"] == "position_lookup":  # on init_from's weights it overwrites those heads
+        position_lookup_init(model, x["position_lookup_gain"])
     from training.data.catalogue import CLASS_NAMES
 
     if not config.class_names:
