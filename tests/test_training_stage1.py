@@ -153,34 +153,3 @@ def test_one_step_fraction_trains_the_one_step_sampler(tokenizer_dir, tmp_path):
     again = examples(one_step_fraction=0.0)
     for (a, ta), (b, tb) in zip(default, again):
         assert torch.equal(ta, tb) and torch.equal(a.latents[-1], b.latents[-1])
-
-
-def test_reconstruction_examples_target_the_image_itself(tokenizer_dir, tmp_path):
-    """reconstruction_fraction=1 makes the RGB image the target under its own prompt: the noisy
-    image encodes the very pixels of the clean context image; 0 keeps the map as the target."""
-    from training.stage1 import RECONSTRUCTION_PROMPT, Stage1Batches, build
-
-    def encoded(**kw):
-        """(key, pixels) of each image an example encodes: the clean context first, the target last."""
-        cfg = TrainConfig.from_yaml(None, stage1_args(tmp_path / "r", tokenizer_dir, vae_dropout=0.0,
-                                                      text_dropout=0.0, one_step_fraction=1.0, **kw))
-        model, vae, tokenizer, dataset = build(cfg)
-        batches = Stage1Batches(dataset, model, vae, tokenizer, cfg)
-        calls, latent = [], batches._latent
-        batches._latent = lambda key, pixels, g: calls.append((key, pixels)) or latent(key, pixels, g)
-        out = []
-        for i in range(4):
-            calls.clear()
-            seq, _ = batches.example(i, step=3)
-            out.append((list(calls), seq.text_ids))
-        return out, tokenizer.encode(RECONSTRUCTION_PROMPT, add_special_tokens=False)
-
-    def contains(ids, part):
-        return any(ids[j:j + len(part)] == part for j in range(len(ids)))
-
-    reconstruct, prompt = encoded(reconstruction_fraction=1.0)
-    for (context, target), ids in reconstruct:
-        assert target[0] == context[0] and torch.equal(target[1], context[1])
-        assert contains(ids, prompt)
-    for (context, target), ids in encoded()[0]:
-        assert target[0] != context[0] and not contains(ids, prompt)

@@ -49,7 +49,6 @@ DEFAULTS = dict(
     one_step_fraction=0.0,  # share of examples trained at t = 1 exactly: the one-step map (E2E-FT)
     attention_init="default",  # or "position_lookup" (see position_lookup_init)
     position_lookup_gain=1.5,
-    reconstruction_fraction=0.0,  # share of examples whose target is the RGB image itself (see below)
     text_dropout=0.0,
     vit_dropout=0.0,
     vae_dropout=0.0,
@@ -61,9 +60,6 @@ DEFAULTS = dict(
 )
 
 
-RECONSTRUCTION_PROMPT = "Reproduce the image."
-
-
 def logit_normal_t(rng: np.random.Generator, shift: float) -> float:
     t = 1.0 / (1.0 + math.exp(-rng.standard_normal()))
     return shift * t / (1 + (shift - 1) * t)
@@ -72,7 +68,8 @@ def logit_normal_t(rng: np.random.Generator, shift: float) -> float:
 @torch.no_grad()
 def position_lookup_init(model: CooperModel, gain: float = 1.5) -> None:
     """Start one query head per key group of every layer as a lookup of the ViT token at the
-    query's own grid position (from scratch only).
+    query's own grid position. Meant for a model from scratch; on trained weights it overwrites
+    those heads and every understanding-expert key.
 
     A map token must read the image at its own position. Both the latent and the ViT tokens carry
     the same fixed 2-D sin-cos table, but its channels are mostly low frequencies, so two positions'
@@ -189,17 +186,9 @@ class Stage1Batches:
             # as the pipeline does: the ViT copy is resized from the VAE-sized image
             vit = ip.to_tensor(ip.resize(ex.rgb, c.vit_transform))
             seq.add_vit_image(vit, c.vit.patch_size, c.vit_max_num_patch_per_side)
-        if x["reconstruction_fraction"] > 0 and rng.random() < x["reconstruction_fraction"]:
-            # The image as its own target: only a lookup of the clean token at the same position
-            # lowers this loss, so it teaches the position correspondence the maps need.
-            target_key, target = (row["rgb_image"], flip), ip.to_tensor(ex.rgb)
-            prompt = RECONSTRUCTION_PROMPT
-        else:
-            target_key, target = (row.get("depth_image") or row.get("label_image"), flip), ex.target
-            prompt = ex.prompt
         if not drop_text:
-            seq.add_text(self._ids(prompt))
-        x0 = self._latent(target_key, target, g)
+            seq.add_text(self._ids(ex.prompt))
+        x0 = self._latent((row.get("depth_image") or row.get("label_image"), flip), ex.target, g)
         # t = 1 is pure noise: the step a one-step sampler takes, so its loss is the one-step map's
         # error (Marigold E2E-FT trains that step alone). The extra draw only when enabled, so runs
         # without it keep their example streams.

@@ -17,10 +17,17 @@ python -m training.tokenizer --data runs/data/train --out runs/tokenizer
 python -m training.stage1 --config training/configs/stage1_small.yaml total_steps=700
 # 4. stage 1, phase 2: from phase 1's EMA, 3 of 4 examples at t = 1 (the one-step sampler, E2E-FT)
 python -m training.stage1 --config training/configs/stage1_small_onestep.yaml
-# 5. ship: bf16 network, one-step sampling without CFG as the checkpoint's default
-python -m training.export --checkpoint runs/stage1_onestep/export --out cooper_model/checkpoints/cooper-small \
+# 5. phase 2 in bf16 (as it shipped until phase 3 existed, and what phase 3 started from)
+python -m training.export --checkpoint runs/stage1_onestep/export --out runs/stage1_onestep/bf16 \
     --dtype bfloat16 --defaults '{"num_steps": 2, "cfg_text_scale": 1.0, "cfg_img_scale": 1.0}'
-# 6. evaluation on the held-out test split, and the speed / knobs benchmark at 256x256
+# 6. stage 1, phase 3: the position-lookup heads put in, then 2,400 steps on 1,200 training scenes
+#    (the first 800 are phase 1-2's scenes)
+python -m training.data.synth --out runs/data_1200 --num-scenes 1200 --views-per-scene 3 --seed 0 --split train --traces-per-view 1
+python -m training.stage1 --config training/configs/stage1_small_lookup.yaml
+# 7. ship: bf16 network, one-step sampling without CFG as the checkpoint's default
+python -m training.export --checkpoint runs/stage1_lookup/export --out cooper_model/checkpoints/cooper-small \
+    --dtype bfloat16 --defaults '{"num_steps": 2, "cfg_text_scale": 1.0, "cfg_img_scale": 1.0}'
+# 8. evaluation on the held-out test split, and the speed / knobs benchmark at 256x256
 python -m training.evaluate --checkpoint cooper_model/checkpoints/cooper-small --data runs/data/test \
     --out runs/eval_ship --threads 2 --qa-questions 20
 python -m cooper_model.bench --size 256 --steps 2 --backends eager,compile,onnxruntime --repeat 5 --knobs \
@@ -30,7 +37,7 @@ python -m cooper_model.bench --size 256 --steps 2 --backends eager,compile,onnxr
 # Stage 2 (trial, NOT shipped: it cost the maps more than it gave the answers; figures and why in
 # training/README.md, "Status of the small preset"). Blind baselines into the test card first.
 python -m training.data.baselines --train runs/data/train --test runs/data/test --card
-python -m training.sft --config training/configs/sft_small.yaml           # from phase 2's EMA
+python -m training.sft --config training/configs/sft_small.yaml           # from phase 3's EMA (the trial: phase 2's)
 python -m training.grpo --config training/configs/grpo_small.yaml         # from the SFT export
 python -m training.export --checkpoint runs/grpo/export --out runs/stage2_ship \
     --dtype bfloat16 --defaults '{"num_steps": 2, "cfg_text_scale": 1.0, "cfg_img_scale": 1.0, "max_new_tokens": 160}'
