@@ -69,7 +69,8 @@ def probe_example(model, seq) -> dict[str, np.ndarray]:
     """Per layer x head: attention mass of the target tokens on each part, and `own_position`."""
     n = len(seq.noisy_latent_index)
     noisy = torch.tensor(seq.noisy_latent_index)
-    clean = torch.tensor([i for i in seq.latent_index if i not in set(seq.noisy_latent_index)])
+    noisy_set = set(seq.noisy_latent_index)
+    clean = torch.tensor([i for i in seq.latent_index if i not in noisy_set])
     if len(clean) != n:
         raise ValueError("the example needs the clean VAE copy of the RGB (no VAE dropout) at the target's size")
     vit = torch.tensor(seq.vit_index, dtype=torch.long)

@@ -83,7 +83,7 @@ def position_lookup_init(model: CooperModel, gain: float = 1.5) -> None:
     """
     llm = model.language_model.model
     head_dim, hidden = llm.layers[0].self_attn.head_dim, model.config.hidden_size
-    quarter = hidden // 4  # [sin | cos] of the column, then of the row
+    quarter = hidden // 4  # modeling.sincos_2d_table: [sin | cos] of the column, then of the row, fastest first
     freqs = head_dim // 4
     if freqs < 1 or hidden % 4:
         raise ValueError(f"position_lookup_init needs head_dim >= 4 and hidden % 4 == 0 (got {head_dim}, {hidden})")
