@@ -52,20 +52,32 @@ def test_sft_traces_follow_cooper_schema(dataset):
     root, _ = dataset
     samples = {s.sample_id: s for s in read_synth(root)}
     rows = _rows(root / "Interleaved_SFT.jsonl")
-    tools = set()
+    tools, modes = set(), {}
     for r in rows:
         items = r["interleaved_reason"]
         assert all(it["need_loss"] in ("true", "false") for it in items)
         assert items[0]["type"] == "image" and items[1]["type"] == "text"
         last = items[-1]["value"]
         assert items[-1]["need_loss"] == "true"
-        assert re.fullmatch(r"<think>.*?</think>\s*<answer>.*?\\boxed\{.+?\}.*?</answer>", last, re.S)
-        tool = r["tool"]
-        tools.add(tool)
-        sample = samples[r["data_id"].rsplit("_q", 1)[0]]
-        q = next(q for q in sample.questions if q["qid"] == r["data_id"])
+        tool, mode = r["tool"], r.get("mode", "interleave")  # COOPER's own rows carry no mode
+        qid = r["data_id"].removesuffix(f"_{mode}")
+        modes.setdefault(qid, []).append(mode)
+        sample = samples[qid.rsplit("_q", 1)[0]]
+        q = next(q for q in sample.questions if q["qid"] == qid)
         assert tool == TOOL[q["category"]]
+        if mode == "perception":  # both maps, then the loop's own "<answer>" prompt; the answer is trained
+            assert [it["type"] for it in items] == ["image", "text", "text", "image", "text", "image", "text", "text"]
+            assert [items[k]["value"] for k in (2, 4, 6)] == [DEPTH_PROMPT, SEGMENTATION_PROMPT, "<answer>"]
+            assert sum(it["need_loss"] == "true" for it in items) == 1
+            assert np.array_equal(SEG_CODEC.decode(_img(items[5]["value"])), sample.class_map)
+            assert score(q, "<answer>" + last)
+            continue
+        assert re.fullmatch(r"<think>.*?</think>\s*<answer>.*?\\boxed\{.+?\}.*?</answer>", last, re.S)
         assert score(q, last)  # the trace's boxed answer is the ground truth
+        if mode == "text":  # reasoning from the image alone: no map is mentioned as if it had been seen
+            assert len(items) == 3 and "map shows" not in last and "depth map places" not in last
+            continue
+        tools.add(tool)
         for item in items[2:]:  # metres read off a map: to 0.05 m, or two significant figures
             for x in re.findall(r"(\d+(?:\.\d+)?) m\b", item["value"] if item["type"] == "text" else ""):
                 assert abs(float(x) * 20 - round(float(x) * 20)) < 1e-6 or len(x.replace(".", "").lstrip("0")) <= 2, x
@@ -83,6 +95,8 @@ def test_sft_traces_follow_cooper_schema(dataset):
         if tool == "segmentation":  # lossless: the map decodes back to the ground-truth classes
             assert np.array_equal(SEG_CODEC.decode(_img(image["value"])), sample.class_map)
     assert {"depth", "segmentation"} <= tools
+    # every traced question has a row in each mode, interleave first
+    assert all(m == ["interleave", "perception", "text"] for m in modes.values())
 
 
 def test_rl_rows_and_stage1_targets(dataset):

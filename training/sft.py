@@ -18,8 +18,12 @@ dataset (`interleave_reason.py`) gives the fed-back maps VAE and ViT copies whil
 loop feeds them back as ViT only; `map_vae: true` reproduces upstream's training sequence, the
 default trains on what inference shows. `InterleavedSequenceBuilder` is shared with GRPO.
 
-A row may name another mode of the loop (`"mode": "direct"` or `"text"`); its sequence is then that
-mode's context (no system prompt or the thinking one; the input image as ViT patches only).
+A row may name another mode of the loop (`"mode": "perception"`, `"text"` or `"direct"`); its sequence
+is then that mode's context: `perception` has its own system prompt, the input image as VAE then ViT,
+the depth prompt and map, the segmentation prompt and map, and `<answer>` before the trained answer;
+`text` and `direct` have the thinking system prompt or none, and the input image as ViT patches only.
+`trace_modes` picks which of the file's rows train (the data engine writes `interleave`,
+`perception` and `text` rows for the same questions; upstream's file holds `interleave` only).
 `direct_rows: N` mixes N direct question-answer rows, drawn from the split's `questions.jsonl`, into
 the traces: the small model has no pretrained VQA ability, which BAGEL brings to COOPER's SFT and
 which its `direct` baseline measures, so the recipe trains it here.
@@ -68,6 +72,7 @@ DEFAULTS = dict(
     export_dir=None,
     export_weights="ema",  # ema | live: which weights export_dir receives
     dtype="float32",
+    trace_modes=["interleave", "perception", "text"],  # the modes of Interleaved_SFT.jsonl's rows that train
     direct_rows=0,  # direct question-answer rows from questions.jsonl mixed into the traces (base VQA)
     stage1_replay=0,  # stage-1 examples per step (all processes together) trained beside the text
     stage1_replay_weight=1.0,  # weight of their flow-matching loss (a mean per latent token)
@@ -80,6 +85,7 @@ DEFAULTS = dict(
 # also enters as VAE latents (as `Reasoner._prefix` builds it).
 SEQUENCE_MODES = {
     "interleave": (prompts.INTERLEAVE_REASON_SYSTEM_PROMPT, True),
+    "perception": (prompts.IMAGE_REASON_SYSTEM_PROMPT, True),
     "text": (prompts.VLM_THINK_SYSTEM_PROMPT, False),
     "direct": (None, False),
 }
@@ -357,7 +363,12 @@ def main(argv=None):
     if not x["data_dir"]:
         raise ValueError("data_dir is required")
     torch.manual_seed(cfg.seed)
-    rows = read_rows(x["data_dir"])
+    unknown = set(x["trace_modes"]) - set(SEQUENCE_MODES)
+    if unknown:
+        raise ValueError(f"trace_modes {sorted(unknown)} are not among {sorted(SEQUENCE_MODES)}")
+    rows = [r for r in read_rows(x["data_dir"]) if row_mode(r) in x["trace_modes"]]
+    if not rows:
+        raise ValueError(f"{x['data_dir']} has no rows of the modes {x['trace_modes']}")
     traces = len(rows)
     if x["direct_rows"]:
         rows += direct_rows(x["data_dir"], int(x["direct_rows"]), cfg.seed)

@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .questions import make_questions
-from .traces import rl_row, sft_trace, stage1_files, stage1_rows
+from .traces import TRACE_MODES, rl_row, sft_trace, stage1_files, stage1_rows
 
 MERGED = {"questions.jsonl": "questions.jsonl", "sft.jsonl": "Interleaved_SFT.jsonl",
           "rl.jsonl": "RL_data.jsonl", "stage1.jsonl": "stage1.jsonl"}
@@ -66,6 +66,9 @@ def write_scene(root: Path, index: int, cfg: dict) -> str:
     samples = generate_scene(_builder, scene_seed(cfg["seed"], cfg["split"], index, 0), cfg["views"],
                              cfg["width"], cfg["height"], f"{cfg['split']}_{name}")
     rng = np.random.default_rng(scene_seed(cfg["seed"], cfg["split"], index, 1))
+    # The other modes' traces draw from their own stream, so adding them leaves the rest unchanged.
+    modes_rng = np.random.default_rng(scene_seed(cfg["seed"], cfg["split"], index, 2))
+    other_modes = [m for m in cfg["trace_modes"] if m != "interleave"]
     tally: Counter = Counter()  # the scene's questions per category / answer, for balance
     rows = {k: [] for k in MERGED}
     stats = {"classes": {}, "depth_hist": np.zeros(len(DEPTH_BINS) - 1, np.int64), "depth_over": 0,
@@ -79,7 +82,8 @@ def write_scene(root: Path, index: int, cfg: dict) -> str:
             Image.fromarray(img).save(tmp / view / fname)
         rows["questions.jsonl"] += [dict(q, image=f"{rel}/rgb.png") for q in s.questions]
         rows["rl.jsonl"] += [rl_row(s, q, f"{rel}/rgb.png") for q in s.questions]
-        rows["sft.jsonl"] += [sft_trace(s, q, rng) for q in _trace_choice(s.questions, cfg["traces"], rng)]
+        for q in _trace_choice(s.questions, cfg["traces"], rng):
+            rows["sft.jsonl"] += [sft_trace(s, q, rng)] + [sft_trace(s, q, modes_rng, m) for m in other_modes]
         rows["stage1.jsonl"] += stage1_rows(s, rel)
         d = s.depth[np.isfinite(s.depth)]
         stats["depth_hist"] += np.histogram(d, DEPTH_BINS)[0]
@@ -182,6 +186,7 @@ def write_card(root: Path, scenes: list[str], cfg: dict) -> dict:
         "choice_and_yesno_answers": tally("questions.jsonl", lambda q: f"{q['form']}:{q['answer']}"
                                           if q["form"] != "numeric" else "numeric"),
         "sft_traces_per_tool": tally("Interleaved_SFT.jsonl", lambda r: str(r["tool"])),
+        "sft_traces_per_mode": tally("Interleaved_SFT.jsonl", lambda r: r.get("mode", "interleave")),
         "rl_flags": tally("RL_data.jsonl", lambda r: r["flag"]),
         "depth_pixels_beyond_12m": depth_over,
     }
@@ -221,7 +226,7 @@ def write_card(root: Path, scenes: list[str], cfg: dict) -> dict:
              "`python -m training.data.baselines --train TRAIN_SPLIT --test THIS_SPLIT --card`.", "",
              "![depth](depth_hist.png) ![distances](distance_hist.png) ![categories](categories.png)", ""]
     for key in ("object_instances_per_class", "questions_per_category", "questions_per_form",
-                "choice_and_yesno_answers", "sft_traces_per_tool", "rl_flags"):
+                "choice_and_yesno_answers", "sft_traces_per_tool", "sft_traces_per_mode", "rl_flags"):
         lines += table(key.replace("_", " "), card[key])
     (root / "card.md").write_text("\n".join(lines))
     return card
@@ -229,13 +234,15 @@ def write_card(root: Path, scenes: list[str], cfg: dict) -> dict:
 
 def generate(out: str, num_scenes: int, views: int, seed: int, split: str, width: int = 320,
              height: int = 240, questions: int = 8, traces: int = 3, workers: int = 2,
-             progress: bool = True) -> dict:
+             progress: bool = True, trace_modes: tuple[str, ...] = TRACE_MODES) -> dict:
+    if unknown := set(trace_modes) - set(TRACE_MODES):
+        raise ValueError(f"trace modes {sorted(unknown)} are not among {TRACE_MODES}")
     root = Path(out) / split
     (root / "scenes").mkdir(parents=True, exist_ok=True)
     for leftover in (root / "scenes").glob(".tmp_*"):  # debris of an interrupted run
         shutil.rmtree(leftover)
     cfg = {"seed": seed, "split": split, "views": views, "width": width, "height": height,
-           "questions": questions, "traces": traces}
+           "questions": questions, "traces": traces, "trace_modes": list(trace_modes)}
     todo = [i for i in range(num_scenes) if not (root / "scenes" / f"scene_{i:06d}").exists()]
     args = [(root, i, cfg) for i in todo]
     bar = tqdm(total=num_scenes, initial=num_scenes - len(todo), unit="scene", disable=not progress)
@@ -265,10 +272,13 @@ def main(argv=None):
     ap.add_argument("--height", type=int, default=240)
     ap.add_argument("--questions-per-view", type=int, default=8)
     ap.add_argument("--traces-per-view", type=int, default=3, help="SFT traces per view (base64 images)")
+    ap.add_argument("--trace-modes", default=",".join(TRACE_MODES),
+                    help="reasoning modes each traced question gets an SFT row for (interleave always)")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     a = ap.parse_args(argv)
     card = generate(a.out, a.num_scenes, a.views_per_scene, a.seed, a.split, a.width, a.height,
-                    a.questions_per_view, a.traces_per_view, a.workers)
+                    a.questions_per_view, a.traces_per_view, a.workers,
+                    trace_modes=tuple(m for m in a.trace_modes.split(",") if m))
     print(json.dumps({k: card[k] for k in ("scenes", "views", "questions_per_category")}, indent=1))
 
 

@@ -6,6 +6,12 @@
   generated map back); counting/existence call `<segmentation>` and get the ground-truth class
   map in the checkpoint palette; both are followed by the reflection prompt. Questions no tool
   helps with get a direct `<think>...</think><answer>...\\boxed{}</answer>` trace.
+  The same questions also get a row for each of the other modes the evaluation compares (`"mode"`:
+  the `Reasoner`'s mode whose context the row is): `perception` (BAGEL-PE: the depth prompt and
+  map, then the segmentation prompt and map, then `<answer>` and the answer, no reasoning) and
+  `text` (BAGEL-RE: reasoning from the image alone, then the answer). BAGEL brings these abilities
+  to COOPER's baselines; a small model trained from scratch has to be taught them, or those
+  columns of the four-mode table would measure an untrained mode.
 - RL (`RL_data.jsonl`): {question, answer, image, data_id, flag}; `image` is relative to the
   image root. flag: "negative" when no tool is needed, "boundary" when a tool helps but the image
   alone usually settles it (ordinal depth questions with a >2x depth gap, existence), else "positive".
@@ -27,6 +33,8 @@ from PIL import Image
 
 from cooper_model.codecs import DepthCodec, SegmentationCodec, colorize_depth, default_palette
 from cooper_model.prompts import DEPTH_PROMPT, REFLECTION_PROMPT, SEGMENTATION_PROMPT
+
+TRACE_MODES = ("interleave", "perception", "text")
 
 from .catalogue import CLASS_NAMES, PLURAL
 from .geometry import project
@@ -72,6 +80,12 @@ DIRECT = ["This can be read directly from the image: the relation is visible in 
           "depth map or segmentation is needed.",
           "The positions of the two objects in the image settle this without any auxiliary map.",
           "I can answer from the image itself, since the question is about where the objects appear."]
+
+# `text` mode on a question a map would help with: the estimate has to come from the picture.
+FROM_IMAGE = ["Without a depth map or a segmentation I have to judge this from the image itself: "
+              "apparent sizes, perspective and where the objects stand.",
+              "I will estimate this from the picture alone, from the objects' apparent sizes and positions.",
+              "No auxiliary map here, so I reason from the image: perspective, occlusion and familiar sizes."]
 
 
 # The depth fed back is an 8-bit Spectral image over depth_range ([1e-3, 10] m here): one level
@@ -159,15 +173,34 @@ def _analysis(sample: Sample, q: dict) -> tuple[str, str, str | None]:
             f"{b.label}: {how}.", f"The answer is {ans}.", None)
 
 
-def sft_trace(sample: Sample, q: dict, rng: np.random.Generator) -> dict:
-    """One Stage-2 SFT row in COOPER's interleaved schema."""
+def sft_trace(sample: Sample, q: dict, rng: np.random.Generator, mode: str = "interleave") -> dict:
+    """One Stage-2 SFT row in COOPER's interleaved schema, as the context of the `Reasoner`'s `mode`."""
     items = [{"type": "image", "value": image_b64(sample.rgb), "need_loss": "false"},
              {"type": "text", "value": q["question"], "need_loss": "false"}]
     reasoning, summary, estimate = _analysis(sample, q)
     # A numeric answer boxes the estimate the reasoning reached (within the tolerance of the truth).
     boxed = estimate if q["form"] == "numeric" and estimate is not None else answer_text(q)
-    final = f"<answer>{summary} \\boxed{{{boxed}}}</answer>"
+    answer = f"{summary} \\boxed{{{boxed}}}</answer>"
+    final = f"<answer>{answer}"
     tool = q["tool"]
+    row = {"data_id": q["qid"], "category": q["category"], "tool": tool}
+    if mode == "perception":  # the loop always generates both maps, then prompts "<answer>" itself
+        items += [{"type": "text", "value": DEPTH_PROMPT, "need_loss": "false"},
+                  {"type": "image", "value": image_b64(depth_feedback_image(sample)), "need_loss": "false"},
+                  {"type": "text", "value": SEGMENTATION_PROMPT, "need_loss": "false"},
+                  {"type": "image", "value": image_b64(segmentation_image(sample), "PNG"), "need_loss": "false"},
+                  {"type": "text", "value": "<answer>", "need_loss": "false"},
+                  {"type": "text", "value": answer, "need_loss": "true"}]
+        return {**row, "data_id": f"{q['qid']}_perception", "mode": mode, "interleaved_reason": items}
+    if mode == "text":
+        if tool is None:  # the interleave trace's reasoning is read from the image already
+            why = f"{DIRECT[rng.integers(len(DIRECT))]} {reasoning}"
+        else:
+            why = f"{FROM_IMAGE[rng.integers(len(FROM_IMAGE))]} {summary}"
+        items.append({"type": "text", "value": f"<think>{why}</think>\n{final}", "need_loss": "true"})
+        return {**row, "data_id": f"{q['qid']}_text", "mode": mode, "interleaved_reason": items}
+    if mode != "interleave":
+        raise ValueError(f"trace mode {mode!r} is not one of {TRACE_MODES}")
     if tool is None:
         items.append({"type": "text", "value": f"<think>{DIRECT[rng.integers(len(DIRECT))]} {reasoning}</think>\n{final}",
                       "need_loss": "true"})
@@ -179,7 +212,7 @@ def sft_trace(sample: Sample, q: dict, rng: np.random.Generator) -> dict:
                   {"type": "image", "value": image_b64(image, fmt), "need_loss": "false"},
                   {"type": "text", "value": REFLECTION_PROMPT, "need_loss": "false"},
                   {"type": "text", "value": f"<think>{reasoning}</think>\n{final}", "need_loss": "true"}]
-    return {"data_id": q["qid"], "category": q["category"], "tool": tool, "interleaved_reason": items}
+    return {**row, "interleaved_reason": items}
 
 
 def rl_flag(sample: Sample, q: dict) -> str:
