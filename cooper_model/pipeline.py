@@ -283,12 +283,26 @@ class CooperPipeline:
         return SegmentationOutput(raw, labels, color, timings)
 
     def ask(self, rgb, question: str, mode: str = "interleave", max_turns: int = 3, on_event=None,
-            **overrides) -> AskOutput:
+            depth_m: np.ndarray | None = None, labels: np.ndarray | None = None, **overrides) -> AskOutput:
         """Answer a question about an image. `on_event(kind, value)`, if given, is called as the
         reasoning goes: ("turn", text) after each generated turn, ("tool", "depth"|"segmentation")
-        after each generated map; clients that stream progress use it. Perception mode thinks at
-        most 256 tokens a turn (`MODE_MAX_NEW_TOKENS`) unless the call sets `max_new_tokens`."""
+        after each map; clients that stream progress use it. Perception mode thinks at most 256
+        tokens a turn (`MODE_MAX_NEW_TOKENS`) unless the call sets `max_new_tokens`.
+        `depth_m` (metres, HxW as the image, non-finite = unknown) and `labels` (class ids, HxW):
+        maps the caller already has, from a depth camera or ground truth; a tool call shows them,
+        coloured as a generated map would be, instead of generating one."""
         image = self._check_image(rgb)
+        given = {}
+        for kind, value in (("depth", depth_m), ("segmentation", labels)):
+            if value is None:
+                continue
+            value = np.asarray(value)
+            if value.shape != (image.height, image.width):
+                raise CooperInputError(f"{kind} map is {value.shape}; the image is {(image.height, image.width)}")
+            if kind == "segmentation" and not self.has_palette:
+                raise CooperInputError("this checkpoint has no segmentation palette to show labels with")
+            given[kind] = (colorize_depth(self.depth_codec.normalize(value))
+                           if kind == "depth" else self.segmentation_codec.encode(value.astype(np.int64)))
         if not isinstance(question, str) or not question.strip():
             raise CooperInputError("question is empty")
         if len(question) > self.max_question_chars:
@@ -302,9 +316,8 @@ class CooperPipeline:
             s.max_new_tokens = min(s.max_new_tokens, MODE_MAX_NEW_TOKENS[mode])
         text = TextSettings(s.max_new_tokens, s.do_sample, s.temperature, s.top_p)
         start = time.perf_counter()
-        result = self._run(s, lambda g: Reasoner(self.inferencer, s, text, g,
-                                                 self._transforms(s), on_event).run(image, question, mode,
-                                                                                    int(max_turns)))
+        result = self._run(s, lambda g: Reasoner(self.inferencer, s, text, g, self._transforms(s), on_event,
+                                                 given_maps=given).run(image, question, mode, int(max_turns)))
         result.timings["total"] = time.perf_counter() - start
         return AskOutput(result.answer, extract_boxed(result.answer), result.turns, result.tools_used,
                          result.images, mode, result.timings)

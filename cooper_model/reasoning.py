@@ -64,8 +64,11 @@ def extract_boxed(text: str) -> str | None:
 class Reasoner:
     def __init__(self, inferencer: Inferencer, image_settings: ImageGenerationSettings, text_settings: TextSettings,
                  generator: torch.Generator | None = None, transforms=(None, None), on_event=None,
-                 record_tokens: bool = False):
+                 record_tokens: bool = False, given_maps: dict[str, np.ndarray] | None = None):
         self.inf = inferencer
+        # maps the caller already has (a depth camera's, or ground truth in an evaluation), as shown
+        # to the model (uint8 RGB): a tool call of that kind feeds it back instead of generating one
+        self.given_maps = given_maps or {}
         self.record_tokens = record_tokens  # RL: keep each turn's sampled token ids and log-probs
         self.on_event = on_event or (lambda kind, value: None)
         self.transforms = transforms
@@ -94,12 +97,16 @@ class Reasoner:
         self.on_event("turn", text)
 
     def _gen_map(self, kind: str, ctx: Context, cfg_text: Context, cfg_img: Context, size) -> np.ndarray:
-        """Generate a depth or segmentation map; returns what is shown to the model (uint8 RGB)."""
-        h, w = size
-        latents = self._timed("denoise", self.inf.generate_latents, ctx, h, w, self.image_settings, cfg_text, cfg_img,
-                              self.generator)
-        image = self._timed("vae_decode", self.inf.decode_latents, latents, h, w)
-        shown = colorize_depth(decode_depth01(image).cpu().numpy()) if kind == "depth" else ip.to_uint8(image)
+        """Generate a depth or segmentation map (or take the given one); returns what is shown to the
+        model (uint8 RGB)."""
+        if kind in self.given_maps:
+            shown = self.given_maps[kind]
+        else:
+            h, w = size
+            latents = self._timed("denoise", self.inf.generate_latents, ctx, h, w, self.image_settings, cfg_text,
+                                  cfg_img, self.generator)
+            image = self._timed("vae_decode", self.inf.decode_latents, latents, h, w)
+            shown = colorize_depth(decode_depth01(image).cpu().numpy()) if kind == "depth" else ip.to_uint8(image)
         self.result.tools_used.append(kind)
         self.result.images.append((kind, shown))
         self.on_event("tool", kind)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from cooper_model import BUNDLED_CHECKPOINT, CooperPipeline
+from cooper_model.pipeline import CooperInputError
 from cooper_model import image_processor as ip
 from cooper_model import prompts
 from cooper_model.codecs import colorize_depth
@@ -303,6 +304,27 @@ def test_perception_mode_contexts_and_budget(pipe, monkeypatch, rgb):
         for ctx in (main, image_free):
             ctx.image("vit", VIT_TOKENS)  # fed back as ViT tokens, no reflection prompt
     assert holds(requests[0], main.text("<answer>"))
+
+
+def test_given_maps_are_shown_instead_of_generated(pipe, monkeypatch, rgb):
+    """A depth camera's map (or the ground truth, in an evaluation) answers the tool call: nothing
+    is generated, the map is shown coloured as a generated one would be, and it is reported."""
+    h, w = rgb.shape[:2]
+    depth_m = np.linspace(0.5, 6.0, h * w, dtype=np.float32).reshape(h, w)
+    depth_m[0, :5] = np.nan  # unknown pixels (no sensor return) are allowed
+    labels = (np.arange(h * w).reshape(h, w) // (h * w // 3)).clip(0, 2)
+    out, requests, maps, events = run_scripted(pipe, monkeypatch, rgb, [DEPTH_CALL, SEG_CALL, ANSWER],
+                                               depth_m=depth_m, labels=labels)
+    assert maps == [] and "denoise" not in out.timings  # no map was generated
+    assert out.tools_used == ["depth", "segmentation"] and [v for k, v in events if k == "tool"] == out.tools_used
+    shown = dict(out.images)
+    assert np.array_equal(shown["depth"], colorize_depth(pipe.depth_codec.normalize(depth_m)))
+    assert np.array_equal(pipe.segmentation_codec.decode(shown["segmentation"]), labels)
+    # only the kind given is replaced: without labels the segmentation is generated
+    out, _, maps, _ = run_scripted(pipe, monkeypatch, rgb, [DEPTH_CALL, SEG_CALL, ANSWER], depth_m=depth_m)
+    assert out.tools_used == ["depth", "segmentation"] and len(maps) == 1
+    with pytest.raises(CooperInputError, match="depth map is"):
+        pipe.ask(rgb, QUESTION, depth_m=depth_m[1:], **SMALL)
 
 
 def test_token_budget_per_mode(pipe, monkeypatch, rgb):

@@ -36,15 +36,17 @@ def test_evaluate_end_to_end_writes_json_markdown_and_plots(tmp_path):
     main(["--checkpoint", str(root / "cooper_model" / "checkpoints" / "cooper-small"),
           "--data", str(root / "training" / "data" / "sample"), "--out", str(tmp_path),
           "--max-images", "2", "--num-steps", "2", "--steps-sweep", "2,3", "--steps-images", "1",
-          "--qa-questions", "2", "--threads", "1"])
+          "--qa-questions", "2", "--qa-given-maps", "--threads", "1"])
     report = json.loads((tmp_path / "report.json").read_text())
     synth = report["datasets"]["synthetic test"]
     assert synth["images"] == 2
     assert set(synth["depth_aligned"]) == {"absrel", "delta1", "rmse"}
     assert 0.0 <= synth["segmentation_miou"] <= 1.0
     assert [r["num_steps"] for r in report["steps"]] == [2, 3, 2, 3]
-    assert set(report["qa"]["modes"]) == {"direct", "perception", "text", "interleave"}
-    assert "## Spatial QA accuracy" in (tmp_path / "report.md").read_text()
+    # the four modes, and the two that show maps once more with the ground-truth maps
+    assert set(report["qa"]["modes"]) == {"direct", "perception", "text", "interleave", "perception+gt", "interleave+gt"}
+    assert report["qa"]["modes"]["perception+gt"]["tool_call_rate_per_category"]  # perception always calls both
+    assert "## Spatial QA accuracy" in (md := (tmp_path / "report.md").read_text()) and "interleave+gt depth" in md
     for name in ("report.md", "steps.png", "examples.png"):
         assert (tmp_path / name).stat().st_size > 0
 

@@ -9,7 +9,10 @@ the ground truth over valid pixels, clamp to the dataset range, then AbsRel, del
 synthetic depth is metric. Segmentation: mIoU of decoded labels over the classes present in the
 ground truth or the prediction, from one confusion matrix over the split. QA: the data engine's
 rule judge (`training.data.questions.score`) per category in each mode (`direct`, `perception`,
-`text`, `interleave`). Writes `report.json`, `report.md`, plots and example images to --out.
+`text`, `interleave`). `--qa-given-maps` adds `perception` and `interleave` with the ground-truth
+maps shown in place of generated ones (`+gt`): what the reasoning makes of perfect maps, which
+separates the maps' share of an error from the reasoning's. Writes `report.json`, `report.md`,
+plots and example images to --out.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from training.stage1_data import depth_target, segmentation_target
 
 NYU_CROP = (slice(45, 471), slice(41, 601))  # upstream's NYUv2 evaluation crop
 MODES = ("direct", "perception", "text", "interleave")
+GIVEN_MAPS_SUFFIX = "+gt"  # a mode run with the ground-truth maps shown instead of generated ones
 
 
 # Metrics ------------------------------------------------------------------------------------------
@@ -205,23 +209,30 @@ def blind_floor(data_dir: Path) -> dict:
     return dict(out)
 
 
-def evaluate_qa(pipe, data_dir: Path, count: int, settings: dict) -> dict:
+def evaluate_qa(pipe, data_dir: Path, count: int, settings: dict, given_maps: bool = False) -> dict:
     from training.data.questions import load_questions, score
+    from training.data.schema import Sample
 
     picked = pick_questions(load_questions(data_dir), count)
     out = {}
-    for mode in MODES:
+    runs = list(MODES) + ([f"{m}{GIVEN_MAPS_SUFFIX}" for m in ("perception", "interleave")] if given_maps else [])
+    for name in runs:
+        mode = name.removesuffix(GIVEN_MAPS_SUFFIX)
         correct, tools = defaultdict(list), defaultdict(lambda: defaultdict(int))
-        for q in tqdm(picked, desc=f"qa {mode}", leave=False):
+        for q in tqdm(picked, desc=f"qa {name}", leave=False):
             rgb = np.asarray(Image.open(data_dir / q["image"]).convert("RGB"))
-            ans = pipe.ask(rgb, q["question"], mode=mode, **settings)
+            maps = {}
+            if name.endswith(GIVEN_MAPS_SUFFIX):
+                truth = Sample.load((data_dir / q["image"]).parent)
+                maps = {"depth_m": truth.depth, "labels": truth.class_map}
+            ans = pipe.ask(rgb, q["question"], mode=mode, **maps, **settings)
             correct[(q["category"], form_group(q))].append(bool(score(q, ans.answer)))
             for t in set(ans.tools_used):
                 tools[q["category"]][t] += 1
         per_cat = defaultdict(list)
         for (cat, _), v in correct.items():
             per_cat[cat] += v
-        out[mode] = {"accuracy": float(np.mean([v for vals in per_cat.values() for v in vals])),
+        out[name] = {"accuracy": float(np.mean([v for vals in per_cat.values() for v in vals])),
                      "per_category": {k: float(np.mean(v)) for k, v in sorted(per_cat.items())},
                      "per_category_form": {f"{c}/{f}": float(np.mean(v)) for (c, f), v in sorted(correct.items())},
                      "questions_per_category_form": {f"{c}/{f}": len(v) for (c, f), v in sorted(correct.items())},
@@ -338,13 +349,15 @@ def qa_markdown(qa: dict) -> list[str]:
         lines.append(f"| {k} | {n.get(k, 0)} | " + " | ".join(fmt(m["per_category_form"].get(k)) for m in modes.values())
                      + f" | {fmt(chance)} | {fmt(floor)} |")
     lines.append("| **all** | " + str(sum(n.values())) + " | " + " | ".join(f"{m['accuracy']:.3f}" for m in modes.values()) + " | | |")
-    lines += ["", "Tool calls: share of each category's questions whose answer generated the map.", "",
-              "| category | " + " | ".join(f"{m} depth | {m} seg" for m in modes if m in ("interleave", "perception")) + " |",
-              "|---|" + "---|---|" * sum(m in ("interleave", "perception") for m in modes)]
+    with_tools = [m for m in modes if m.removesuffix(GIVEN_MAPS_SUFFIX) in ("interleave", "perception")]
+    lines += ["", f"Tool calls: share of each category's questions whose answer called for the map ({GIVEN_MAPS_SUFFIX}: "
+              "the ground-truth map was shown instead of a generated one).", "",
+              "| category | " + " | ".join(f"{m} depth | {m} seg" for m in with_tools) + " |",
+              "|---|" + "---|---|" * len(with_tools)]
     for cat in sorted({k.split("/")[0] for k in keys}):
         cells = []
         for name, m in modes.items():
-            if name in ("interleave", "perception"):
+            if name in with_tools:
                 rate = m["tool_call_rate_per_category"].get(cat, {})
                 cells += [f"{rate.get('depth', 0.0):.2f}", f"{rate.get('segmentation', 0.0):.2f}"]
         lines.append(f"| {cat} | " + " | ".join(cells) + " |")
@@ -365,6 +378,8 @@ def main(argv=None):
     parser.add_argument("--steps-images", type=int, default=16)
     parser.add_argument("--qa-questions", type=int, default=40,
                         help="questions per mode, spread evenly over category and answer form (0 to skip)")
+    parser.add_argument("--qa-given-maps", action="store_true",
+                        help=f"also run perception and interleave with the ground-truth maps ({GIVEN_MAPS_SUFFIX} columns)")
     parser.add_argument("--nyuv2", default=None, help="nyu_depth_v2_labeled.mat")
     parser.add_argument("--ade20k", default=None, help="ADEChallengeData2016 directory (validation split)")
     parser.add_argument("--threads", type=int, default=0)
@@ -396,7 +411,7 @@ def main(argv=None):
         report["steps"] = evaluate_steps(pipe, samples, settings, depth_range, steps)
         plot_steps(report["steps"], out / "steps.png")
     if args.qa_questions:
-        report["qa"] = evaluate_qa(pipe, data, args.qa_questions, settings)
+        report["qa"] = evaluate_qa(pipe, data, args.qa_questions, settings, given_maps=args.qa_given_maps)
     if examples:
         save_examples(examples, out / "examples.png", depth_range)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
