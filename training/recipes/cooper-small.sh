@@ -21,7 +21,7 @@ python -m training.stage1 --config training/configs/stage1_small_onestep.yaml
 python -m training.export --checkpoint runs/stage1_onestep/export --out runs/stage1_onestep/bf16 \
     --dtype bfloat16 --defaults '{"num_steps": 2, "cfg_text_scale": 1.0, "cfg_img_scale": 1.0}'
 # 6. stage 1, phase 3: the position-lookup heads put in, then 2,400 steps on 1,200 training scenes
-#    (the first 800 are phase 1-2's scenes)
+#    (the first 800 are phase 1-2's scenes; their SFT rows are stage 2's)
 python -m training.data.synth --out runs/data_1200 --num-scenes 1200 --views-per-scene 3 --seed 0 --split train --traces-per-view 1
 python -m training.stage1 --config training/configs/stage1_small_lookup.yaml
 # 7. ship: bf16 network, one-step sampling without CFG as the checkpoint's default
@@ -34,15 +34,15 @@ python -m cooper_model.bench --size 256 --steps 2 --backends eager,compile,onnxr
     --knob-reference '{"num_steps": 9, "cfg_text_scale": 3.0, "cfg_img_scale": 1.5}' \
     --eval-data runs/data/test --eval-images 16 --json-out runs/bench_ship.json
 
-# Stage 2 (trial, NOT shipped: it cost the maps more than it gave the answers; figures and why in
+# Stage 2 (trial, NOT shipped: the tools did not make the answers better; figures and why in
 # training/README.md, "Status of the small preset"). Blind baselines into the test card first.
-python -m training.data.baselines --train runs/data/train --test runs/data/test --card
-python -m training.sft --config training/configs/sft_small.yaml           # from phase 3's EMA (the trial: phase 2's)
+python -m training.data.baselines --train runs/data_1200/train --test runs/data/test --card
+python -m training.sft --config training/configs/sft_small.yaml           # phase 3's EMA; all four modes; replay
 python -m training.grpo --config training/configs/grpo_small.yaml         # from the SFT export
 python -m training.export --checkpoint runs/grpo/export --out runs/stage2_ship \
     --dtype bfloat16 --defaults '{"num_steps": 2, "cfg_text_scale": 1.0, "cfg_img_scale": 1.0, "max_new_tokens": 160}'
 python -m training.evaluate --checkpoint runs/stage2_ship --data runs/data/test \
-    --out runs/eval_stage2 --threads 2 --qa-questions 200 --steps-sweep 2,9
+    --out runs/eval_stage2 --threads 2 --qa-questions 200 --qa-given-maps --steps-sweep ""
 python -m training.export --checkpoint runs/sft/export --out runs/sft_ship \
     --dtype bfloat16 --defaults '{"num_steps": 2, "cfg_text_scale": 1.0, "cfg_img_scale": 1.0, "max_new_tokens": 160}'
 python -m training.evaluate --checkpoint runs/sft_ship --data runs/data/test --out runs/eval_sft --threads 2 \
