@@ -46,6 +46,10 @@ def test_evaluate_end_to_end_writes_json_markdown_and_plots(tmp_path):
     # the four modes, and the two that show maps once more with the ground-truth maps
     assert set(report["qa"]["modes"]) == {"direct", "perception", "text", "interleave", "perception+gt", "interleave+gt"}
     assert report["qa"]["modes"]["perception+gt"]["tool_call_rate_per_category"]  # perception always calls both
+    answers = [json.loads(line) for line in (tmp_path / "qa_answers.jsonl").read_text().splitlines()]
+    n = sum(report["qa"]["modes"]["direct"]["questions_per_category"].values())
+    assert len(answers) == 6 * n and {a["mode"] for a in answers} == set(report["qa"]["modes"])
+    assert all(a["tools"] == ["depth", "segmentation"] for a in answers if a["mode"] == "perception+gt")
     assert "## Spatial QA accuracy" in (md := (tmp_path / "report.md").read_text()) and "interleave+gt depth" in md
     for name in ("report.md", "steps.png", "examples.png"):
         assert (tmp_path / name).stat().st_size > 0

@@ -12,7 +12,7 @@ rule judge (`training.data.questions.score`) per category in each mode (`direct`
 `text`, `interleave`). `--qa-given-maps` adds `perception` and `interleave` with the ground-truth
 maps shown in place of generated ones (`+gt`): what the reasoning makes of perfect maps, which
 separates the maps' share of an error from the reasoning's. Writes `report.json`, `report.md`,
-plots and example images to --out.
+`qa_answers.jsonl` (every answer with its turns), plots and example images to --out.
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ def evaluate_qa(pipe, data_dir: Path, count: int, settings: dict, given_maps: bo
     from training.data.schema import Sample
 
     picked = pick_questions(load_questions(data_dir), count)
-    out = {}
+    out, answers = {}, []
     runs = list(MODES) + ([f"{m}{GIVEN_MAPS_SUFFIX}" for m in ("perception", "interleave")] if given_maps else [])
     for name in runs:
         mode = name.removesuffix(GIVEN_MAPS_SUFFIX)
@@ -227,6 +227,9 @@ def evaluate_qa(pipe, data_dir: Path, count: int, settings: dict, given_maps: bo
                 maps = {"depth_m": truth.depth, "labels": truth.class_map}
             ans = pipe.ask(rgb, q["question"], mode=mode, **maps, **settings)
             correct[(q["category"], form_group(q))].append(bool(score(q, ans.answer)))
+            answers.append({"mode": name, "qid": q["qid"], "category": q["category"], "form": q["form"],
+                            "truth": q["answer"], "correct": correct[(q["category"], form_group(q))][-1],
+                            "tools": ans.tools_used, "turns": ans.turns})
             for t in set(ans.tools_used):
                 tools[q["category"]][t] += 1
         per_cat = defaultdict(list)
@@ -240,7 +243,7 @@ def evaluate_qa(pipe, data_dir: Path, count: int, settings: dict, given_maps: bo
                      # share of the category's questions whose answer called each tool at least once
                      "tool_call_rate_per_category": {c: {t: n / len(per_cat[c]) for t, n in sorted(v.items())}
                                                      for c, v in sorted(tools.items())}}
-    return {"modes": out, "blind": blind_floor(data_dir)}
+    return {"modes": out, "blind": blind_floor(data_dir), "answers": answers}
 
 
 # Report ---------------------------------------------------------------------------------------------
@@ -414,6 +417,9 @@ def main(argv=None):
         report["qa"] = evaluate_qa(pipe, data, args.qa_questions, settings, given_maps=args.qa_given_maps)
     if examples:
         save_examples(examples, out / "examples.png", depth_range)
+    if "qa" in report:  # every answer, one a line, for reading what went wrong
+        with open(out / "qa_answers.jsonl", "w") as f:
+            f.writelines(json.dumps(a) + "\n" for a in report["qa"].pop("answers"))
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
     print(markdown(report))
