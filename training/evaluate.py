@@ -220,16 +220,17 @@ def evaluate_qa(pipe, data_dir: Path, count: int, settings: dict, given_maps: bo
         mode = name.removesuffix(GIVEN_MAPS_SUFFIX)
         correct, tools = defaultdict(list), defaultdict(lambda: defaultdict(int))
         for q in tqdm(picked, desc=f"qa {name}", leave=False):
-            rgb = np.asarray(Image.open(data_dir / q["image"]).convert("RGB"))
             maps = {}
             if name.endswith(GIVEN_MAPS_SUFFIX):
                 truth = Sample.load((data_dir / q["image"]).parent)
-                maps = {"depth_m": truth.depth, "labels": truth.class_map}
+                rgb, maps = truth.rgb, {"depth_m": truth.depth, "labels": truth.class_map}
+            else:
+                rgb = np.asarray(Image.open(data_dir / q["image"]).convert("RGB"))
             ans = pipe.ask(rgb, q["question"], mode=mode, **maps, **settings)
-            correct[(q["category"], form_group(q))].append(bool(score(q, ans.answer)))
+            ok = bool(score(q, ans.answer))
+            correct[(q["category"], form_group(q))].append(ok)
             answers.append({"mode": name, "qid": q["qid"], "category": q["category"], "form": q["form"],
-                            "truth": q["answer"], "correct": correct[(q["category"], form_group(q))][-1],
-                            "tools": ans.tools_used, "turns": ans.turns})
+                            "truth": q["answer"], "correct": ok, "tools": ans.tools_used, "turns": ans.turns})
             for t in set(ans.tools_used):
                 tools[q["category"]][t] += 1
         per_cat = defaultdict(list)
