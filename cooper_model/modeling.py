@@ -405,6 +405,13 @@ class CooperModel(nn.Module):
     POSITION_TABLES = ("latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed")
     NO_SPLIT_MODULES = ["MoTDecoderLayer", "SiglipEncoderLayer"]
 
+    @staticmethod
+    def is_generation_parameter(name: str) -> bool:
+        """Whether a parameter serves the VAE tokens alone: the MoT generation expert (`*_moe_gen`),
+        the timestep embedder and the latent projections. The rest (understanding expert, token
+        embeddings, LM head, ViT, connector) is what every text and ViT token goes through."""
+        return "moe_gen" in name or name.startswith(("time_embedder.", "vae2llm.", "llm2vae."))
+
     @property
     def device(self) -> torch.device:
         return self.language_model.model.embed_tokens.weight.device

@@ -332,7 +332,7 @@ def load_stage2(x: dict):
         # the small preset's from-scratch rate that would trade stage 1's maps for little. (The
         # maps still read the context through the understanding expert, which does train.)
         for name, param in model.named_parameters():
-            if "moe_gen" in name or name.startswith(("time_embedder.", "vae2llm.", "llm2vae.")):
+            if model.is_generation_parameter(name):
                 param.requires_grad_(False)
     # fixed sin-cos tables; the velocity head takes no part in a text loss (only in stage-1 replay)
     model.latent_pos_embed.pos_embed.requires_grad_(False)
