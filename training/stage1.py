@@ -10,8 +10,7 @@ Timesteps are logit-normal, t = sigmoid(N(0, 1)), then shifted s t / (1 + (s - 1
 `one_step_fraction` of examples is put at t = 1, the single step of the fast one-step sampler, in the
 manner of Marigold's E2E-FT (which found the one-step fine-tune beats 50-step sampling). Conditional
 dropout drops the prompt, the ViT copy or the VAE copy per example (CFG training; COOPER used 0).
-The ViT and the autoencoder can be frozen (upstream freezes both), or everything but the generation
-path (`freeze_understanding`, to refit the maps of a stage-2 checkpoint). The EMA weights are what ships.
+The ViT and the autoencoder can be frozen (upstream freezes both). The EMA weights are what ships.
 
 The frozen autoencoder's moments of every image are cached in memory on first use: the encoder then
 runs once per image and flip, and each step only samples from the cached Gaussian.
@@ -55,10 +54,6 @@ DEFAULTS = dict(
     vae_dropout=0.0,
     freeze_vit=True,
     freeze_vae=True,
-    # Train the generation path alone (CooperModel.is_generation_parameter): after stage 2 this
-    # re-fits the maps to the context the understanding expert now gives, leaving every text and
-    # ViT token's computation as stage 2 made it.
-    freeze_understanding=False,
     flip=True,
     export_dir=None,  # write the EMA weights in the release layout here at the end
     dtype="float32",
@@ -265,9 +260,6 @@ def build(cfg: TrainConfig):
     if x["freeze_vit"]:
         for p in model.vit_model.parameters():
             p.requires_grad_(False)
-    if x["freeze_understanding"]:
-        for name, p in model.named_parameters():
-            p.requires_grad_(model.is_generation_parameter(name))
     # Stage 1 has no text loss: the LM head takes no part (DDP would flag it unused).
     model.language_model.lm_head.weight.requires_grad_(False)
     model.latent_pos_embed.pos_embed.requires_grad_(False)
